@@ -1,0 +1,366 @@
+package workflow
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+)
+
+// Options tune an Engine. Zero values take the defaults named per field.
+type Options struct {
+	// Name identifies the engine's handler set on the database; the
+	// checkpoint is stored in _local/docstate-<Name>. Default "docstate".
+	Name string
+	// Owner identifies this engine instance in claims. Default
+	// hostname-pid-random, unique per start.
+	Owner string
+	// Workers is how many documents are handled at once. Default 16.
+	Workers int
+
+	// HandlerTimeout, Lease, MaxAttempts, RetryBase and RetryMax are the
+	// defaults for specs that leave them zero: 30s, 2m, 5, 1s, 1h.
+	HandlerTimeout time.Duration
+	Lease          time.Duration
+	MaxAttempts    int
+	RetryBase      time.Duration
+	RetryMax       time.Duration
+
+	// FeedTimeout is the longpoll timeout (default 60s); FeedBatch the
+	// changes asked for per request (default 500).
+	FeedTimeout time.Duration
+	FeedBatch   int
+	// FeedRetryMin and FeedRetryMax bound the reconnect backoff after feed
+	// errors (default 1s and 2m, with jitter).
+	FeedRetryMin time.Duration
+	FeedRetryMax time.Duration
+	// MaxPending bounds changes received but not finished; the feed pauses
+	// at the bound. Default 10000.
+	MaxPending int
+
+	// CheckpointInterval is how often the checkpoint is saved when it moved
+	// (default 5s).
+	CheckpointInterval time.Duration
+	// ResyncInterval is how often the server is asked for documents whose
+	// due time passed: expired claims, due retries, wake-ups (default 1m).
+	ResyncInterval time.Duration
+	// NoStartScan skips the scan at start that queues every document in a
+	// registered (type, state). The scan makes a start level-triggered even
+	// when the checkpoint is ahead of unfinished work.
+	NoStartScan bool
+
+	// DrainTimeout bounds how long Run waits for running handlers after its
+	// context ends (default 30s). Past it their contexts are cancelled.
+	DrainTimeout time.Duration
+
+	// Logger receives the engine's logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+func (o *Options) setDefaults() error {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	if o.Name == "" {
+		o.Name = "docstate"
+	}
+	if err := checkName("engine name", o.Name); err != nil {
+		return err
+	}
+	if o.Owner == "" {
+		o.Owner = defaultOwner()
+	}
+	if o.Workers == 0 {
+		o.Workers = 16
+	}
+	def(&o.HandlerTimeout, 30*time.Second)
+	def(&o.Lease, 2*time.Minute)
+	if o.MaxAttempts == 0 {
+		o.MaxAttempts = 5
+	}
+	def(&o.RetryBase, time.Second)
+	def(&o.RetryMax, time.Hour)
+	def(&o.FeedTimeout, time.Minute)
+	if o.FeedBatch == 0 {
+		o.FeedBatch = 500
+	}
+	def(&o.FeedRetryMin, time.Second)
+	def(&o.FeedRetryMax, 2*time.Minute)
+	if o.MaxPending == 0 {
+		o.MaxPending = 10000
+	}
+	def(&o.CheckpointInterval, 5*time.Second)
+	def(&o.ResyncInterval, time.Minute)
+	def(&o.DrainTimeout, 30*time.Second)
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	switch {
+	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0:
+		return errors.New("workers, max attempts, feed batch and max pending must not be negative")
+	case o.Lease <= o.HandlerTimeout:
+		return fmt.Errorf("lease %v must exceed handler timeout %v", o.Lease, o.HandlerTimeout)
+	case o.RetryBase > o.RetryMax:
+		return fmt.Errorf("retry base %v exceeds retry max %v", o.RetryBase, o.RetryMax)
+	case o.MaxPending < o.FeedBatch:
+		return fmt.Errorf("max pending %d is below feed batch %d", o.MaxPending, o.FeedBatch)
+	}
+	return nil
+}
+
+func defaultOwner() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "unknown"
+	}
+	var b [4]byte
+	_, _ = crand.Read(b[:])
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+// Engine follows one database's changes and runs the registered handlers.
+type Engine struct {
+	db    *kivik.DB
+	reg   *Registry
+	specs map[key]Spec
+	types map[string]bool
+	opts  Options
+	log   *slog.Logger
+
+	q     *queue
+	tr    *tracker
+	cp    *checkpointer
+	stats counters
+
+	resetFeed chan struct{}
+	running   atomic.Bool
+}
+
+// New returns an engine for db running reg's handlers. Spec fields left zero
+// are filled from opts.
+func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
+	if db == nil || reg == nil {
+		return nil, errors.New("workflow: db and registry are required")
+	}
+	if err := opts.setDefaults(); err != nil {
+		return nil, fmt.Errorf("workflow options: %w", err)
+	}
+	e := &Engine{
+		db:        db,
+		reg:       reg,
+		specs:     make(map[key]Spec, reg.Len()),
+		types:     make(map[string]bool),
+		opts:      opts,
+		log:       opts.Logger.With("db", db.Name(), "engine", opts.Name),
+		q:         newQueue(),
+		tr:        newTracker(""),
+		resetFeed: make(chan struct{}, 1),
+	}
+	for _, s := range reg.Specs() {
+		if s.Timeout == 0 {
+			s.Timeout = opts.HandlerTimeout
+		}
+		if s.Lease == 0 {
+			s.Lease = opts.Lease
+		}
+		if s.Lease <= s.Timeout {
+			return nil, fmt.Errorf("workflow: %s/%s: lease %v must exceed timeout %v", s.Type, s.State, s.Lease, s.Timeout)
+		}
+		if s.MaxAttempts == 0 {
+			s.MaxAttempts = opts.MaxAttempts
+		}
+		if s.ErrorState == "" {
+			s.ErrorState = DefaultErrorState
+		}
+		if s.Backoff == nil {
+			base, max := opts.RetryBase, opts.RetryMax
+			s.Backoff = func(attempt int) time.Duration { return backoff(attempt, base, max) }
+		}
+		e.specs[key{s.Type, s.State}] = s
+		e.types[s.Type] = true
+	}
+	e.cp = &checkpointer{db: db, id: "_local/docstate-" + opts.Name, owner: opts.Owner}
+	return e, nil
+}
+
+// Owner returns the id this engine writes into claims.
+func (e *Engine) Owner() string { return e.opts.Owner }
+
+// Run follows the database until ctx ends, then drains: running handlers get
+// up to DrainTimeout to finish, queued documents are left for the next start
+// (their changes are not checkpointed), and the checkpoint is saved. Run
+// returns nil after a drain caused by ctx, or the error that stopped it.
+func (e *Engine) Run(ctx context.Context) error {
+	if !e.running.CompareAndSwap(false, true) {
+		return errors.New("workflow: engine is already running")
+	}
+	since, err := e.loadCheckpoint(ctx)
+	if err != nil {
+		return err
+	}
+	e.tr.reset(since)
+	e.log.Info("engine starting", "since", since, "owner", e.opts.Owner, "workers", e.opts.Workers, "handlers", len(e.specs))
+
+	// Handlers and their writes run under work, which outlives ctx by at
+	// most DrainTimeout, so a stop lets them finish instead of cutting
+	// side effects in half.
+	work, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+
+	var background, workers sync.WaitGroup
+	background.Go(func() { e.q.runTimers(ctx) })
+	background.Go(func() { e.follow(ctx, since) })
+	background.Go(func() { e.saveCheckpoints(ctx) })
+	background.Go(func() { e.resyncLoop(ctx) })
+	for range e.opts.Workers {
+		workers.Go(func() {
+			for {
+				w, ok := e.q.get()
+				if !ok {
+					return
+				}
+				e.process(work, w)
+			}
+		})
+	}
+
+	<-ctx.Done()
+	e.log.Info("engine draining", "running", e.stats.inflight.Load(), "queued", e.q.len(), "timeout", e.opts.DrainTimeout)
+	e.q.close()
+	drained := make(chan struct{})
+	go func() { workers.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(e.opts.DrainTimeout):
+		e.log.Warn("drain timeout: cancelling running handlers", "running", e.stats.inflight.Load())
+		stopWork()
+		<-drained
+	}
+	background.Wait()
+
+	saveCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := e.cp.save(saveCtx, e.tr.checkpoint()); err != nil {
+		e.log.Warn("final checkpoint not saved; changes since the last one will be replayed", "err", err)
+	}
+	e.log.Info("engine stopped", "checkpoint", e.tr.checkpoint())
+	return nil
+}
+
+// loadCheckpoint reads the checkpoint, retrying while the server is away.
+func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
+	for attempt := 1; ; attempt++ {
+		since, err := e.cp.load(ctx)
+		if err == nil {
+			return since, nil
+		}
+		if ctx.Err() != nil {
+			return "", fmt.Errorf("workflow: load checkpoint: %w", ctx.Err())
+		}
+		d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		e.log.Warn("cannot load checkpoint; retrying", "err", err, "in", d)
+		if !sleep(ctx, d) {
+			return "", fmt.Errorf("workflow: load checkpoint: %w", ctx.Err())
+		}
+	}
+}
+
+// Stats is a snapshot of the engine's counters.
+type Stats struct {
+	ChangesReceived  int64 // feed rows received
+	Runs             int64 // handler runs
+	RunErrors        int64 // handler runs that returned an error (panics included)
+	Panics           int64 // handler panics recovered
+	Transitions      int64 // results written
+	Noops            int64 // results that changed nothing and were not written
+	Conflicts        int64 // writes rejected with 409 (the document moved on)
+	ClaimsWon        int64 // unsafe claims written
+	ClaimsLost       int64 // unsafe claim writes that lost the race
+	ClaimsHeld       int64 // documents skipped because another owner holds a live claim
+	ClaimsTakenOver  int64 // expired claims taken over (RetryExpired)
+	ClaimsExpired    int64 // expired claims sent to the error state (FailExpired)
+	ResultsDropped   int64 // unsafe results not written because the claim was lost meanwhile
+	RetriesScheduled int64 // failed runs recorded with a backoff
+	Failed           int64 // documents moved to an error state
+	Invalid          int64 // documents of a handled type recorded as invalid
+	Skipped          int64 // feed documents that are not workflow documents
+	Transient        int64 // runs repeated because the server could not be reached
+	FeedRequests     int64 // longpoll requests answered
+	FeedErrors       int64 // longpoll requests failed (each followed by a backoff)
+	FeedResets       int64 // feed restarted from 0 because the database was re-created
+	CheckpointsSaved int64
+	ResyncQueued     int64 // ids queued by scans
+	Inflight         int64 // handler runs in progress now
+	Queued           int64 // ids waiting for a worker now
+	Pending          int64 // changes received and not yet checkpointed now
+}
+
+type counters struct {
+	changes, runs, runErrors, panics, transitions, noops, conflicts           atomic.Int64
+	claimsWon, claimsLost, claimsHeld, claimsTakenOver, claimsExpired         atomic.Int64
+	resultsDropped, retries, failed, invalid, skipped, transient              atomic.Int64
+	feedRequests, feedErrors, feedResets, checkpoints, resyncQueued, inflight atomic.Int64
+}
+
+// Stats returns the counters now.
+func (e *Engine) Stats() Stats {
+	c := &e.stats
+	s := Stats{
+		ChangesReceived: c.changes.Load(), Runs: c.runs.Load(), RunErrors: c.runErrors.Load(),
+		Panics: c.panics.Load(), Transitions: c.transitions.Load(), Noops: c.noops.Load(),
+		Conflicts: c.conflicts.Load(), ClaimsWon: c.claimsWon.Load(), ClaimsLost: c.claimsLost.Load(),
+		ClaimsHeld: c.claimsHeld.Load(), ClaimsTakenOver: c.claimsTakenOver.Load(),
+		ClaimsExpired: c.claimsExpired.Load(), ResultsDropped: c.resultsDropped.Load(),
+		RetriesScheduled: c.retries.Load(), Failed: c.failed.Load(), Invalid: c.invalid.Load(),
+		Skipped: c.skipped.Load(), Transient: c.transient.Load(), FeedRequests: c.feedRequests.Load(),
+		FeedErrors: c.feedErrors.Load(), FeedResets: c.feedResets.Load(),
+		CheckpointsSaved: c.checkpoints.Load(), ResyncQueued: c.resyncQueued.Load(),
+		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
+	}
+	s.Pending = int64(e.tr.pending())
+	return s
+}
+
+// backoff is exponential from base, capped at max, with "equal jitter": half
+// the delay is fixed and half random, so retries of many documents that
+// failed together spread out but never come sooner than half the step.
+func backoff(attempt int, base, max time.Duration) time.Duration {
+	if attempt < 1 {
+		attempt = 1
+	}
+	d := base
+	for i := 1; i < attempt && d < max; i++ {
+		d *= 2
+	}
+	if d > max || d <= 0 {
+		d = max
+	}
+	half := d / 2
+	if half <= 0 {
+		return d
+	}
+	return half + rand.N(half+1)
+}
+
+// sleep waits d or until ctx ends; it reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,413 @@
+package workflow_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
+)
+
+func oneStep(runs *counter, to string) workflow.Handler {
+	return workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+		runs.inc(doc.ID)
+		return workflow.Transition(to).Set("handled_at_attempt", doc.Attempt), nil
+	})
+}
+
+func TestThousandDocsReachDoneAndCheckpointPreventsReplay(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	runs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(runs, "done")})
+
+	ids := putDocs(t, db, "job", 1000, "job", "new", map[string]any{"payload": "x"})
+	eng := start(t, db, reg, testOptions(t))
+	eventually(t, 60*time.Second, "1000 docs done", func() (bool, string) {
+		st := states(t, db)
+		return st["done"] == 1000, fmt.Sprint(st)
+	})
+	eventually(t, 10*time.Second, "checkpoint caught up", func() (bool, string) {
+		s := eng.Stats()
+		return s.Pending == 0, fmt.Sprintf("pending %d", s.Pending)
+	})
+	eng.stop(t)
+	if n := runs.total(); n < 1000 {
+		t.Fatalf("%d handler runs for 1000 docs", n)
+	}
+	d := get(t, db, ids[0])
+	if d.Fields["payload"] != "x" || d.Meta == nil || d.Meta.From != "new" {
+		t.Fatalf("document lost fields or meta: %s", mustJSON(d.Fields))
+	}
+
+	// A second engine from the saved checkpoint dispatches none of them.
+	before := runs.total()
+	eng2 := start(t, db, reg, testOptions(t))
+	time.Sleep(1500 * time.Millisecond)
+	eng2.stop(t)
+	if after := runs.total(); after != before {
+		t.Fatalf("second run dispatched %d handler runs again", after-before)
+	}
+	if s := eng2.Stats(); s.ChangesReceived != 0 {
+		t.Fatalf("second run received %d changes from its checkpoint, want 0", s.ChangesReceived)
+	}
+}
+
+func TestThreeEnginesRunEachUnsafeDocExactlyOnce(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	execs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "mail", State: "new", Mode: workflow.Unsafe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			execs.inc(doc.ID)
+			if doc.Claim == nil || doc.Claim.Key != doc.ID+"/new/1" {
+				return workflow.Result{}, workflow.Terminal(fmt.Errorf("unexpected claim %+v", doc.Claim))
+			}
+			time.Sleep(2 * time.Millisecond) // a side effect takes time
+			return workflow.Transition("sent").Set("message_id", doc.Claim.Key), nil
+		})})
+
+	const n = 300
+	ids := putDocs(t, db, "mail", n, "mail", "new", nil)
+	var engines []*running
+	for range 3 {
+		engines = append(engines, start(t, db, reg, testOptions(t)))
+	}
+	eventually(t, 90*time.Second, "all sent", func() (bool, string) {
+		st := states(t, db)
+		return st["sent"] == n, fmt.Sprint(st)
+	})
+	var won, lost, held int64
+	for _, e := range engines {
+		s := e.Stats()
+		won, lost, held = won+s.ClaimsWon, lost+s.ClaimsLost, held+s.ClaimsHeld
+	}
+	for _, id := range ids {
+		if c := execs.get(id); c != 1 {
+			t.Errorf("%s executed %d times", id, c)
+		}
+	}
+	t.Logf("3 engines, %d unsafe docs: claims won %d, lost %d, skipped as held %d", n, won, lost, held)
+	if won != n {
+		t.Fatalf("claims won %d, want %d", won, n)
+	}
+	if lost == 0 {
+		t.Log("no claim race lost in this run (engines did not collide)")
+	}
+}
+
+func TestKilledEngineLosesNothingAndExpiredClaimsFollowPolicy(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	execs := newCounter()
+	block := make(chan struct{})
+	var firstRunBlocks atomic.Bool
+	firstRunBlocks.Store(true)
+	unsafeHandler := workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+		execs.inc(doc.ID)
+		if firstRunBlocks.Load() {
+			select { // the "crash" happens while the side effect runs
+			case <-block:
+			case <-ctx.Done():
+			}
+			return workflow.Result{}, ctx.Err()
+		}
+		return workflow.Transition("done").Set("key", doc.Claim.Key).Set("takeover", doc.Claim.Takeover), nil
+	})
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "retry", State: "new", Mode: workflow.Unsafe, Handler: unsafeHandler,
+		Timeout: 5 * time.Second, Lease: 8 * time.Second, OnExpired: workflow.RetryExpired})
+	reg.MustRegister(workflow.Spec{Type: "failfast", State: "new", Mode: workflow.Unsafe, Handler: unsafeHandler,
+		Timeout: 5 * time.Second, Lease: 8 * time.Second, OnExpired: workflow.FailExpired})
+	safeRuns := newCounter()
+	reg.MustRegister(workflow.Spec{Type: "safe", State: "new", Mode: workflow.Safe, Handler: oneStep(safeRuns, "done")})
+
+	putDocs(t, db, "r", 4, "retry", "new", nil)
+	putDocs(t, db, "f", 4, "failfast", "new", nil)
+	putDocs(t, db, "s", 200, "safe", "new", nil)
+
+	opts := testOptions(t)
+	opts.DrainTimeout = time.Millisecond // a hard stop: running handlers are cut off
+	eng := start(t, db, reg, opts)
+	eventually(t, 30*time.Second, "unsafe docs claimed", func() (bool, string) {
+		s := eng.Stats()
+		return s.ClaimsWon == 8, fmt.Sprintf("claims %d", s.ClaimsWon)
+	})
+	eng.stop(t)
+
+	// The claims are left in the documents, as after a crash.
+	for _, id := range []string{"r-00000", "f-00000"} {
+		if d := get(t, db, id); d.Meta == nil || d.Meta.Claim == nil {
+			t.Fatalf("%s has no claim after the crash: %s", id, mustJSON(d.Fields))
+		}
+	}
+	firstRunBlocks.Store(false)
+	eng2 := start(t, db, reg, testOptions(t))
+	eventually(t, 60*time.Second, "every doc terminal", func() (bool, string) {
+		st := states(t, db)
+		return st["done"] == 204 && st["error"] == 4, fmt.Sprint(st)
+	})
+	eng2.stop(t)
+	for i := range 4 {
+		r := get(t, db, fmt.Sprintf("r-%05d", i))
+		if r.Fields["takeover"] != true || r.Fields["key"] != fmt.Sprintf("r-%05d/new/1", i) {
+			t.Errorf("retried doc: takeover %v key %v, want a takeover with the first claim's key", r.Fields["takeover"], r.Fields["key"])
+		}
+		if c := execs.get(r.ID); c != 2 {
+			t.Errorf("%s ran %d times, want 2 (crashed run + takeover)", r.ID, c)
+		}
+		f := get(t, db, fmt.Sprintf("f-%05d", i))
+		if f.Meta == nil || f.Meta.Error == nil || !strings.Contains(f.Meta.Error.Reason, "expired") || f.Meta.Error.From != "new" {
+			t.Errorf("fail-policy doc: %s", mustJSON(f.Fields))
+		}
+		if c := execs.get(f.ID); c != 1 {
+			t.Errorf("%s ran %d times, want 1 (policy fail)", f.ID, c)
+		}
+	}
+	for _, id := range []string{"r-00000", "f-00000", "s-00000"} {
+		if d := get(t, db, id); d.Meta != nil && d.Meta.Claim != nil {
+			t.Errorf("%s still claimed: %s", id, mustJSON(d.Meta))
+		}
+	}
+}
+
+func TestEngineSurvivesServerKillAndRestart(t *testing.T) {
+	srv := couchtest.StartServer(t, couchtest.ServerOptions{OnDisk: true})
+	client := srv.Client(t)
+	db := couchtest.NewDB(t, client)
+	runs := newCounter()
+	var slow atomic.Bool
+	slow.Store(true)
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			runs.inc(doc.ID)
+			if slow.Load() {
+				time.Sleep(20 * time.Millisecond)
+			}
+			return workflow.Transition("done"), nil
+		})})
+	putDocs(t, db, "job", 300, "job", "new", nil)
+	opts := testOptions(t)
+	opts.Workers = 2
+	eng := start(t, db, reg, opts)
+	eventually(t, 30*time.Second, "some progress", func() (bool, string) {
+		return eng.Stats().Transitions >= 20, ""
+	})
+	srv.Kill(t)
+	time.Sleep(500 * time.Millisecond)
+	slow.Store(false)
+	srv.Start(t)
+	eventually(t, 90*time.Second, "all done after the restart", func() (bool, string) {
+		st := states(t, db)
+		return st["done"] == 300, fmt.Sprint(st)
+	})
+	s := eng.Stats()
+	if s.FeedErrors == 0 && s.Transient == 0 {
+		t.Fatalf("the outage was not noticed: %+v", s)
+	}
+	t.Logf("after the server restart: feed errors %d, transient runs %d", s.FeedErrors, s.Transient)
+}
+
+func TestMalformedDocumentsNeverStopTheEngine(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	runs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(runs, "done")})
+	big := strings.Repeat("x", 1<<20)
+	docs := map[string]map[string]any{
+		"no-type":       {"state": "new"},
+		"type-number":   {"type": 12, "state": "new"},
+		"type-array":    {"type": []string{"job"}, "state": "new"},
+		"state-number":  {"type": "job", "state": 3},
+		"state-array":   {"type": "job", "state": []any{"new"}},
+		"state-missing": {"type": "job"},
+		"unknown-state": {"type": "job", "state": "mystery"},
+		"meta-corrupt":  {"type": "job", "state": "new", "docstate": "not an object"},
+		"big":           {"type": "job", "state": "new", "blob": big},
+		"ok":            {"type": "job", "state": "new"},
+	}
+	ctx := context.Background()
+	for id, d := range docs {
+		if _, err := db.Put(ctx, id, d); err != nil {
+			t.Fatalf("put %s: %v", id, err)
+		}
+	}
+	eng := start(t, db, reg, testOptions(t))
+	eventually(t, 30*time.Second, "valid docs done", func() (bool, string) {
+		return get(t, db, "ok").State == "done" && get(t, db, "big").State == "done", ""
+	})
+	eventually(t, 10*time.Second, "invalid reasons recorded", func() (bool, string) {
+		for id, want := range map[string]string{
+			"state-number":  "state must be a string, got a number",
+			"state-array":   "state must be a string, got an array",
+			"state-missing": "no state field",
+		} {
+			d := get(t, db, id)
+			if d.Meta == nil || d.Meta.Invalid != want {
+				return false, fmt.Sprintf("%s: %s", id, mustJSON(d.Meta))
+			}
+		}
+		return true, ""
+	})
+	if got := get(t, db, "big").Fields["blob"]; got != big {
+		t.Fatal("1 MB field lost")
+	}
+	for _, id := range []string{"no-type", "type-number", "type-array", "unknown-state", "meta-corrupt"} {
+		d := get(t, db, id)
+		if !strings.HasPrefix(d.Rev, "1-") {
+			t.Errorf("%s was written (rev %s); foreign and unreadable docs must be left alone", id, d.Rev)
+		}
+	}
+	if got := runs.get("meta-corrupt"); got != 0 {
+		t.Fatalf("doc with corrupt engine metadata was handled %d times", got)
+	}
+	// Recording the reason once must not loop on the engine's own write.
+	time.Sleep(time.Second)
+	if d := get(t, db, "state-number"); !strings.HasPrefix(d.Rev, "2-") {
+		t.Fatalf("invalid doc rewritten: rev %s", d.Rev)
+	}
+	// A fixed document is picked up again.
+	d := get(t, db, "state-number")
+	d.Fields["state"] = "new"
+	if _, err := db.Put(ctx, "state-number", d.Fields); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "fixed doc done", func() (bool, string) {
+		d := get(t, db, "state-number")
+		return d.State == "done" && d.Meta != nil && d.Meta.Invalid == "", mustJSON(d.Fields)
+	})
+	if s := eng.Stats(); s.Invalid < 3 || s.Skipped < 3 {
+		t.Fatalf("stats do not show the skipped and invalid docs: %+v", s)
+	}
+}
+
+func TestRetriesBackoffAndErrorState(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	reg := workflow.NewRegistry()
+	flaky := newCounter()
+	reg.MustRegister(workflow.Spec{Type: "flaky", State: "new", Mode: workflow.Safe, MaxAttempts: 5,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			if flaky.inc(doc.ID) < 3 {
+				return workflow.Result{}, errors.New("temporarily broken")
+			}
+			return workflow.Transition("done").Set("attempt", doc.Attempt).Set("last_error", doc.LastError), nil
+		})})
+	reg.MustRegister(workflow.Spec{Type: "broken", State: "new", Mode: workflow.Unsafe, MaxAttempts: 3,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			return workflow.Result{}, errors.New("always broken")
+		})})
+	reg.MustRegister(workflow.Spec{Type: "terminal", State: "new", Mode: workflow.Safe, ErrorState: "rejected",
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			return workflow.Result{}, workflow.Terminal(errors.New("bad input"))
+		})})
+	reg.MustRegister(workflow.Spec{Type: "panics", State: "new", Mode: workflow.Safe, MaxAttempts: 2,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			panic("boom")
+		})})
+	reg.MustRegister(workflow.Spec{Type: "slow", State: "new", Mode: workflow.Safe, MaxAttempts: 1, Timeout: 100 * time.Millisecond,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			<-ctx.Done()
+			return workflow.Result{}, ctx.Err()
+		})})
+	reg.MustRegister(workflow.Spec{Type: "badresult", State: "new", Mode: workflow.Safe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			return workflow.Transition("done").Set("_id", "other"), nil
+		})})
+	ctx := context.Background()
+	for _, typ := range []string{"flaky", "broken", "terminal", "panics", "slow", "badresult"} {
+		if _, err := db.Put(ctx, typ, map[string]any{"type": typ, "state": "new"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start(t, db, reg, testOptions(t))
+	eventually(t, 30*time.Second, "all terminal", func() (bool, string) {
+		st := states(t, db)
+		return st["done"] == 1 && st["error"] == 4 && st["rejected"] == 1, fmt.Sprint(st)
+	})
+	f := get(t, db, "flaky")
+	if f.Fields["attempt"] != 3.0 || f.Fields["last_error"] != "temporarily broken" || f.Meta.Attempts != 0 {
+		t.Errorf("flaky: %s", mustJSON(f.Fields))
+	}
+	for id, want := range map[string]string{
+		"broken":    "always broken",
+		"terminal":  "bad input",
+		"panics":    "handler panicked: boom",
+		"slow":      "handler timed out after 100ms",
+		"badresult": "reserved or empty field \"_id\"",
+	} {
+		d := get(t, db, id)
+		if d.Meta == nil || d.Meta.Error == nil || !strings.Contains(d.Meta.Error.Reason, want) || d.Meta.Error.From != "new" {
+			t.Errorf("%s: want reason containing %q, got %s", id, want, mustJSON(d.Meta))
+		}
+	}
+	if b := get(t, db, "broken"); b.Meta.Error.Attempts != 3 {
+		t.Errorf("broken: %d attempts recorded, want 3", b.Meta.Error.Attempts)
+	}
+}
+
+func TestWakeAtRunsAgainWithoutAChangeAndStayDoesNotLoop(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	runs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "timer", State: "waiting", Mode: workflow.Unsafe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			var until time.Time
+			if _, err := doc.Field("until", &until); err != nil {
+				return workflow.Result{}, workflow.Terminal(err)
+			}
+			runs.inc(doc.ID)
+			if time.Now().Before(until) {
+				return workflow.Stay().Set("checked", true).WakeAt(until), nil
+			}
+			return workflow.Transition("expired"), nil
+		})})
+	if _, err := db.Put(context.Background(), "t1", map[string]any{
+		"type": "timer", "state": "waiting", "until": time.Now().Add(1500 * time.Millisecond),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	start(t, db, reg, testOptions(t))
+	eventually(t, 20*time.Second, "timer expired", func() (bool, string) {
+		d := get(t, db, "t1")
+		return d.State == "expired", mustJSON(d.Fields)
+	})
+	if n := runs.get("t1"); n != 2 {
+		t.Fatalf("timer handler ran %d times, want 2 (first look, wake-up): a stay must not re-trigger itself", n)
+	}
+}
+
+func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
+	client := couchtest.Client(t)
+	db := couchtest.NewDB(t, client)
+	runs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(runs, "done")})
+	putDocs(t, db, "a", 50, "job", "new", nil)
+	eng := start(t, db, reg, testOptions(t))
+	eventually(t, 30*time.Second, "first batch done", func() (bool, string) {
+		return states(t, db)["done"] == 50, ""
+	})
+	ctx := context.Background()
+	if err := client.DestroyDB(ctx, db.Name()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := client.CreateDB(ctx, db.Name()); err != nil {
+		t.Fatal(err)
+	}
+	// Fewer docs than before: a feed still at the old seq would wait for
+	// them forever.
+	putDocs(t, db, "b", 5, "job", "new", nil)
+	eventually(t, 30*time.Second, "docs in the new database done", func() (bool, string) {
+		st := states(t, db)
+		return st["done"] == 5, fmt.Sprint(st, eng.Stats().FeedResets)
+	})
+	if eng.Stats().FeedResets == 0 {
+		t.Fatal("no feed reset counted")
+	}
+}

@@ -1,0 +1,188 @@
+package workflow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couch"
+)
+
+// follow reads the changes feed from since until ctx ends. It never returns
+// early: every error is logged, counted and followed by a reconnect with
+// exponential backoff and jitter, so a server restart, a network cut or a
+// deleted database only pauses it.
+//
+// It uses feed=longpoll in a loop rather than feed=continuous: each request
+// ends by itself, a dead connection is noticed by the request deadline, and
+// kivik v4.5.2 panics at the clean end of a continuous feed.
+func (e *Engine) follow(ctx context.Context, since string) {
+	failures := 0
+	for ctx.Err() == nil {
+		select {
+		case <-e.resetFeed:
+			since = e.restartFeed(ctx)
+			continue
+		default:
+		}
+		if err := e.tr.waitBelow(ctx, e.opts.MaxPending); err != nil {
+			return
+		}
+		next, err := e.poll(ctx, since)
+		if err == nil {
+			since = next
+			failures = 0
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errFeedReset) {
+			since = e.restartFeed(ctx)
+			continue
+		}
+		failures++
+		e.stats.feedErrors.Add(1)
+		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
+		if couch.IsNotFound(err) {
+			// The database is gone. When it comes back it is a new
+			// database: the checkpoint verify below notices that.
+			since = e.afterMissing(ctx, since)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-e.resetFeed:
+			since = e.restartFeed(ctx)
+		case <-time.After(d):
+		}
+	}
+}
+
+var errFeedReset = errors.New("feed reset requested")
+
+// poll makes one longpoll request and queues what it returns. It returns
+// the seq to continue from.
+func (e *Engine) poll(ctx context.Context, since string) (string, error) {
+	// The deadline covers the server's own timeout plus slack: a request
+	// that outlives it is on a dead connection.
+	reqCtx, cancel := context.WithTimeout(ctx, e.opts.FeedTimeout+30*time.Second)
+	defer cancel()
+	// A reset request must interrupt a longpoll that may wait a minute.
+	stop := make(chan struct{})
+	reset := make(chan struct{}, 1)
+	var watcher sync.WaitGroup
+	defer watcher.Wait()
+	defer close(stop)
+	watcher.Go(func() {
+		select {
+		case <-e.resetFeed:
+			reset <- struct{}{}
+			cancel()
+		case <-stop:
+		}
+	})
+
+	rows := e.db.Changes(reqCtx, kivik.Params(map[string]any{
+		"feed":         "longpoll",
+		"since":        since,
+		"timeout":      strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10),
+		"limit":        strconv.Itoa(e.opts.FeedBatch),
+		"include_docs": true,
+	}))
+	defer rows.Close()
+	last := since
+	for rows.Next() {
+		e.stats.changes.Add(1)
+		seq := rows.Seq()
+		tok := e.tr.add(seq)
+		last = seq
+		id := rows.ID()
+		if rows.Deleted() {
+			e.tr.done([]token{tok})
+			continue
+		}
+		var doc jsonDoc
+		if err := rows.ScanDoc(&doc); err != nil || len(doc) == 0 {
+			// No body: the worker reads the document itself.
+			e.q.add(id, nil, 0, tok)
+			continue
+		}
+		gen := 0
+		if revs := rows.Changes(); len(revs) > 0 {
+			gen = revGeneration(revs[0])
+		}
+		e.q.add(id, []byte(doc), gen, tok)
+	}
+	err := rows.Err()
+	select {
+	case <-reset:
+		return last, errFeedReset
+	default:
+	}
+	if err != nil {
+		// Rows already queued keep their tokens; continuing from the last
+		// one received loses nothing and repeats nothing.
+		if last != since {
+			return last, nil
+		}
+		return since, fmt.Errorf("changes since %s: %w", since, err)
+	}
+	e.stats.feedRequests.Add(1)
+	if meta, err := rows.Metadata(); err == nil && meta.LastSeq != "" {
+		e.tr.addDone(meta.LastSeq)
+		last = meta.LastSeq
+	}
+	return last, nil
+}
+
+// jsonDoc keeps the document bytes from the feed as they came.
+type jsonDoc []byte
+
+func (d *jsonDoc) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
+	*d = append((*d)[:0], b...)
+	return nil
+}
+
+// afterMissing waits out a missing database: once it exists again, an
+// unchanged checkpoint means it was only unreachable; anything else means
+// it was re-created.
+func (e *Engine) afterMissing(ctx context.Context, since string) string {
+	err := e.cp.verify(ctx)
+	if errors.Is(err, errRecreated) {
+		if _, infoErr := e.db.Stats(ctx); infoErr == nil {
+			return e.restartFeed(ctx)
+		}
+	}
+	return since
+}
+
+// restartFeed starts over from 0 in a re-created database. Changes in
+// flight from the old database become void; the level-triggered workers
+// re-read whatever they were doing anyway.
+func (e *Engine) restartFeed(ctx context.Context) string {
+	e.stats.feedResets.Add(1)
+	for attempt := 1; ctx.Err() == nil; attempt++ {
+		err := e.cp.restart(ctx)
+		if err == nil {
+			break
+		}
+		d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		e.log.Warn("cannot write checkpoint in re-created database; retrying", "err", err, "in", d)
+		if !sleep(ctx, d) {
+			break
+		}
+	}
+	e.tr.reset("0")
+	e.log.Warn("feed restarted from 0 in a re-created database")
+	return "0"
+}

@@ -1,0 +1,533 @@
+package workflow
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"reflect"
+	"runtime/debug"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couch"
+)
+
+// outcome is how a run ended.
+type outcome struct {
+	// finished: the changes the run covered are handled, or recorded on the
+	// document (a retry time, a claim held by another) where the resync scan
+	// will find them. Unfinished runs are repeated with backoff and keep
+	// their changes out of the checkpoint.
+	finished bool
+	// after asks for another look at the document after this delay.
+	after time.Duration
+}
+
+var (
+	finished  = outcome{finished: true}
+	transient = outcome{}
+)
+
+func finishedAfter(d time.Duration) outcome { return outcome{finished: true, after: d} }
+
+// maxRounds bounds re-reads after conflicts in one run; a document that keeps
+// changing under us is retried later with backoff.
+const maxRounds = 5
+
+// process runs one queued id and reports back to the queue and tracker.
+func (e *Engine) process(ctx context.Context, w work) {
+	e.stats.inflight.Add(1)
+	defer e.stats.inflight.Add(-1)
+	out := e.handle(ctx, w)
+	if out.finished {
+		e.tr.done(w.tokens)
+		e.q.forget(w.id)
+		e.q.done(w.id, nil)
+		if out.after > 0 {
+			e.q.addAfter(w.id, out.after)
+		}
+		return
+	}
+	e.stats.transient.Add(1)
+	n := e.q.failed(w.id)
+	e.q.done(w.id, w.tokens)
+	if ctx.Err() == nil {
+		e.q.addAfter(w.id, backoff(n, e.opts.FeedRetryMin, e.opts.FeedRetryMax))
+	}
+}
+
+func (e *Engine) handle(ctx context.Context, w work) outcome {
+	raw := w.hint
+	for range maxRounds {
+		if raw == nil {
+			var err error
+			raw, err = e.read(ctx, w.id)
+			if couch.IsNotFound(err) {
+				return finished // deleted, or the database is gone
+			}
+			if err != nil {
+				e.log.Debug("cannot read document", "id", w.id, "err", err)
+				return transient
+			}
+		}
+		out, conflict := e.evaluate(ctx, raw)
+		if !conflict {
+			return out
+		}
+		raw = nil
+	}
+	e.log.Debug("document kept changing during its run; retrying later", "id", w.id)
+	return transient
+}
+
+func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
+	var raw jsonDoc
+	if err := e.db.Get(ctx, id).ScanDoc(&raw); err != nil {
+		return nil, err
+	}
+	return raw, nil
+}
+
+// evaluate decides from the document's current type and state what to do.
+// conflict means a write lost to a newer revision: read again and repeat.
+func (e *Engine) evaluate(ctx context.Context, raw []byte) (outcome, bool) {
+	doc, err := parseDoc(raw, e.types)
+	var invalid *invalidError
+	switch {
+	case errors.As(err, &invalid):
+		return e.recordInvalid(ctx, doc, invalid)
+	case err != nil:
+		e.stats.skipped.Add(1)
+		return finished, false
+	}
+	spec, ok := e.specs[key{doc.Type, doc.State}]
+	if !ok {
+		return e.noHandler(ctx, doc)
+	}
+	meta := doc.meta.forState(doc.State)
+	now := time.Now()
+	if meta.Claim == nil {
+		if t := meta.RetryAt.time(); t.After(now) {
+			return finishedAfter(t.Sub(now)), false
+		}
+		wake := meta.WakeAt.time()
+		if meta.Settled != 0 && meta.Settled == revGeneration(doc.Rev) && (wake.IsZero() || wake.After(now)) {
+			// Nothing changed since the handler ran and stayed.
+			if !wake.IsZero() {
+				return finishedAfter(wake.Sub(now)), false
+			}
+			return finished, false
+		}
+	}
+	doc.Attempt = meta.Attempts + 1
+	doc.LastError = meta.LastError
+	if spec.Mode == Unsafe {
+		return e.runUnsafe(ctx, doc, spec, meta)
+	}
+	res, herr := e.call(ctx, spec, doc)
+	if herr != nil {
+		return e.recordFailure(ctx, doc, spec, meta, herr)
+	}
+	return e.commitResult(ctx, doc, spec, meta, res, false)
+}
+
+// runUnsafe claims the document, runs the handler only if the claim was
+// accepted, and writes the result under the claim.
+func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) (outcome, bool) {
+	now := time.Now()
+	claim := &Claim{
+		Owner:   e.opts.Owner,
+		Expires: Stamp{now.Add(spec.Lease).UTC().Truncate(time.Millisecond)},
+		Attempt: meta.Claims + 1,
+	}
+	claim.Key = fmt.Sprintf("%s/%s/%d", doc.ID, doc.State, claim.Attempt)
+	if held := meta.Claim; held != nil {
+		if held.Expires.After(now) {
+			e.stats.claimsHeld.Add(1)
+			// Look again when the lease runs out, in case its owner died.
+			return finishedAfter(held.Expires.Sub(now) + time.Second), false
+		}
+		reason := fmt.Sprintf("claim %s of %s expired at %s before its result was written; the handler may have run",
+			held.Key, held.Owner, held.Expires.UTC().Format(timeLayout))
+		if spec.OnExpired == FailExpired {
+			e.stats.claimsExpired.Add(1)
+			return e.fail(ctx, doc, spec, meta, reason, meta.Attempts+1)
+		}
+		meta.Attempts++
+		if meta.Attempts >= spec.MaxAttempts {
+			e.stats.claimsExpired.Add(1)
+			return e.fail(ctx, doc, spec, meta, reason, meta.Attempts)
+		}
+		meta.LastError = reason
+		claim.Key = held.Key
+		claim.Takeover = true
+	}
+	meta.Claim = claim
+	meta.Claims = claim.Attempt
+	meta.RetryAt = nil
+	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
+	switch classify(err) {
+	case writeOK:
+	case writeConflict:
+		e.stats.claimsLost.Add(1)
+		return outcome{}, true
+	case writeGone:
+		return finished, false
+	case writeRejected:
+		return e.fail(ctx, doc, spec, meta, fmt.Sprintf("claim write rejected: %v", err), meta.Attempts+1)
+	default:
+		return transient, false
+	}
+	if claim.Takeover {
+		e.stats.claimsTakenOver.Add(1)
+		e.log.Warn("took over expired claim", "id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key)
+	}
+	e.stats.claimsWon.Add(1)
+	if err := doc.reset(body, rev, meta); err != nil {
+		return e.fail(ctx, doc, spec, meta, err.Error(), meta.Attempts+1)
+	}
+	doc.Claim = claim
+	doc.Attempt = meta.Attempts + 1
+	doc.LastError = meta.LastError
+
+	// The run must end, result written, before the lease does.
+	runCtx, cancel := context.WithDeadline(ctx, claim.Expires.Add(-spec.Lease/10))
+	defer cancel()
+	res, herr := e.call(runCtx, spec, doc)
+	return e.finishClaim(ctx, doc, spec, meta, claim, res, herr), false
+}
+
+// finishClaim writes an unsafe run's result. The claim makes the result
+// ours to write: on a conflict (someone else edited the document meanwhile)
+// it is merged onto the newer revision as long as the claim is still ours.
+// Only when the claim is gone, taken over after expiry, is it dropped.
+func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta, claim *Claim, res Result, herr error) outcome {
+	for attempt := 1; ; attempt++ {
+		var out outcome
+		var conflict bool
+		if herr != nil {
+			out, conflict = e.recordFailure(ctx, doc, spec, meta, herr)
+		} else {
+			out, conflict = e.commitResult(ctx, doc, spec, meta, res, true)
+		}
+		if !conflict {
+			if out.finished {
+				return out
+			}
+			wait := backoff(attempt, 100*time.Millisecond, 5*time.Second)
+			if time.Now().Add(wait).After(claim.Expires.Time) || !sleep(ctx, wait) {
+				e.log.Warn("result of unsafe run not written before its lease ran out; the expiry policy decides",
+					"id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key, "policy", spec.OnExpired)
+				return transient
+			}
+			continue
+		}
+		raw, err := e.read(ctx, doc.ID)
+		if err != nil {
+			if couch.IsNotFound(err) {
+				return finished
+			}
+			continue
+		}
+		fresh, err := parseDoc(raw, e.types)
+		c := (*Claim)(nil)
+		if err == nil && fresh.State == doc.State && fresh.meta.State == doc.State {
+			c = fresh.meta.Claim
+		}
+		if c == nil || c.Owner != claim.Owner || c.Attempt != claim.Attempt {
+			e.stats.resultsDropped.Add(1)
+			e.log.Warn("unsafe result dropped: the claim was taken over or the document moved on",
+				"id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key)
+			return finished
+		}
+		fresh.Claim, fresh.Attempt, fresh.LastError = doc.Claim, doc.Attempt, doc.LastError
+		doc, meta = fresh, fresh.meta.forState(fresh.State)
+	}
+}
+
+// call runs the handler with its timeout, turning a panic into an error.
+func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err error) {
+	e.stats.runs.Add(1)
+	hctx, cancel := context.WithTimeout(ctx, spec.Timeout)
+	defer cancel()
+	defer func() {
+		if r := recover(); r != nil {
+			e.stats.panics.Add(1)
+			e.log.Error("handler panicked", "id", doc.ID, "type", doc.Type, "state", doc.State, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			err = fmt.Errorf("handler panicked: %v", r)
+		}
+		if err != nil {
+			e.stats.runErrors.Add(1)
+		}
+	}()
+	res, err = spec.Handler.Handle(hctx, doc)
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		err = fmt.Errorf("handler timed out after %v: %w", spec.Timeout, err)
+	}
+	return res, err
+}
+
+// commitResult writes a handler's result.
+func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Meta, res Result, claimed bool) (outcome, bool) {
+	if err := res.validate(); err != nil {
+		return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("handler returned an invalid result: %w", err)))
+	}
+	set, err := res.encodeSet()
+	if err != nil {
+		return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("handler returned an invalid result: %w", err)))
+	}
+	state, next := "", meta
+	if res.next != "" && res.next != doc.State {
+		state, next = res.next, Meta{From: doc.State}
+	} else {
+		next.Attempts, next.LastError, next.RetryAt, next.Claim = 0, "", nil, nil
+		next.WakeAt = stamp(res.wakeAt)
+		next.Settled = revGeneration(doc.Rev) + 1
+		if !claimed && len(res.unset) == 0 && sameFields(doc.fields, set) && sameMeta(meta, next) {
+			e.stats.noops.Add(1)
+			return finishedUntil(res.wakeAt), false
+		}
+	}
+	_, _, err = e.commit(ctx, doc, state, set, res.unset, next)
+	switch classify(err) {
+	case writeOK:
+		e.stats.transitions.Add(1)
+		if state != "" {
+			e.log.Debug("transition", "id", doc.ID, "type", doc.Type, "from", doc.State, "to", state)
+		}
+		return finishedUntil(res.wakeAt), false
+	case writeConflict:
+		e.stats.conflicts.Add(1)
+		return outcome{}, true
+	case writeGone:
+		return finished, false
+	case writeRejected:
+		return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("the server rejected the result: %w", err)))
+	default:
+		return transient, false
+	}
+}
+
+func finishedUntil(t time.Time) outcome {
+	if t.IsZero() {
+		return finished
+	}
+	return finishedAfter(max(time.Until(t), time.Millisecond))
+}
+
+// recordFailure records a failed run: a retry time, or the error state once
+// the error is terminal or the attempts are used up.
+func (e *Engine) recordFailure(ctx context.Context, doc *Doc, spec Spec, meta Meta, herr error) (outcome, bool) {
+	if ctx.Err() != nil {
+		// Stopping: the failure is ours, not the document's.
+		return transient, false
+	}
+	reason := truncate(herr.Error(), maxReason)
+	attempts := meta.Attempts + 1
+	if IsTerminal(herr) || attempts >= spec.MaxAttempts {
+		return e.fail(ctx, doc, spec, meta, reason, attempts)
+	}
+	delay := spec.Backoff(attempts)
+	var ra *retryAfterError
+	if errors.As(herr, &ra) {
+		delay = ra.after
+	}
+	next := meta
+	next.Attempts, next.LastError, next.Claim = attempts, reason, nil
+	next.RetryAt = stamp(time.Now().Add(delay))
+	_, _, err := e.commit(ctx, doc, "", nil, nil, next)
+	switch classify(err) {
+	case writeOK:
+		e.stats.retries.Add(1)
+		e.log.Warn("handler failed; will retry", "id", doc.ID, "type", doc.Type, "state", doc.State,
+			"attempt", attempts, "max_attempts", spec.MaxAttempts, "retry_in", delay.Round(time.Millisecond), "err", reason)
+		return finishedAfter(delay), false
+	case writeConflict:
+		e.stats.conflicts.Add(1)
+		return outcome{}, true
+	case writeGone:
+		return finished, false
+	case writeRejected:
+		return e.fail(ctx, doc, spec, meta, reason, attempts)
+	default:
+		return transient, false
+	}
+}
+
+// fail moves the document to its error state with the reason.
+func (e *Engine) fail(ctx context.Context, doc *Doc, spec Spec, meta Meta, reason string, attempts int) (outcome, bool) {
+	next := Meta{
+		From:  doc.State,
+		Error: &ErrorInfo{From: doc.State, Reason: truncate(reason, maxReason), Attempts: attempts, At: Stamp{time.Now().UTC()}},
+	}
+	_, _, err := e.commit(ctx, doc, spec.ErrorState, nil, nil, next)
+	switch classify(err) {
+	case writeOK:
+		e.stats.failed.Add(1)
+		e.log.Error("document failed", "id", doc.ID, "type", doc.Type, "state", doc.State,
+			"error_state", spec.ErrorState, "attempts", attempts, "reason", reason)
+		return finished, false
+	case writeConflict:
+		e.stats.conflicts.Add(1)
+		return outcome{}, true
+	case writeGone:
+		return finished, false
+	case writeRejected:
+		// Even the error record is refused (a validation function, say).
+		// Nothing more can be written; the reason is in this log line.
+		e.log.Error("document failed and its error could not be recorded", "id", doc.ID, "type", doc.Type,
+			"state", doc.State, "reason", reason, "write_err", err)
+		return finished, false
+	default:
+		return transient, false
+	}
+}
+
+// recordInvalid notes on a document of a handled type why it cannot be
+// handled, once.
+func (e *Engine) recordInvalid(ctx context.Context, doc *Doc, inv *invalidError) (outcome, bool) {
+	if inv.keepMeta || doc.meta.Invalid == inv.reason {
+		if inv.keepMeta {
+			e.stats.invalid.Add(1)
+			e.log.Warn("document skipped", "id", doc.ID, "type", doc.Type, "reason", inv.reason)
+		}
+		return finished, false
+	}
+	next := doc.meta
+	next.Invalid = inv.reason
+	_, _, err := e.commit(ctx, doc, "", nil, nil, next)
+	switch classify(err) {
+	case writeOK:
+		e.stats.invalid.Add(1)
+		e.log.Warn("document is invalid; reason recorded", "id", doc.ID, "type", doc.Type, "reason", inv.reason)
+		return finished, false
+	case writeConflict:
+		return outcome{}, true
+	case writeTransient:
+		return transient, false
+	default:
+		e.log.Warn("document is invalid; reason not recorded", "id", doc.ID, "type", doc.Type, "reason", inv.reason, "write_err", err)
+		return finished, false
+	}
+}
+
+// noHandler handles a document in a state without a handler: a terminal
+// state, usually. Bookkeeping left from an earlier state whose due time
+// would bring it back to every resync scan is cleared.
+func (e *Engine) noHandler(ctx context.Context, doc *Doc) (outcome, bool) {
+	if doc.meta.Due == nil || doc.meta.State == doc.State {
+		return finished, false
+	}
+	next := Meta{From: doc.meta.From, Error: doc.meta.Error}
+	_, _, err := e.commit(ctx, doc, "", nil, nil, next)
+	switch classify(err) {
+	case writeConflict:
+		return outcome{}, true
+	case writeTransient:
+		return transient, false
+	default:
+		return finished, false
+	}
+}
+
+// commit writes doc with state (unless ""), field changes and meta,
+// compare-and-swap on doc.Rev. It returns the body written and the new rev.
+func (e *Engine) commit(ctx context.Context, doc *Doc, state string, set map[string]json.RawMessage, unset []string, meta Meta) (map[string]json.RawMessage, string, error) {
+	if meta.Invalid != "" && doc.State != "" && state == "" && doc.meta.Invalid == "" {
+		meta.Invalid = ""
+	}
+	meta.Updated = stamp(time.Now())
+	meta.setDue()
+	if state == "" {
+		meta.State = doc.State
+	} else {
+		meta.State = state
+	}
+	body, err := build(doc.fields, state, set, unset, &meta)
+	if err != nil {
+		return nil, "", err
+	}
+	rev, err := e.db.Put(ctx, doc.ID, body)
+	return body, rev, err
+}
+
+// reset makes doc reflect body after it was written as rev.
+func (d *Doc) reset(body map[string]json.RawMessage, rev string, meta Meta) error {
+	revJSON, err := json.Marshal(rev)
+	if err != nil {
+		return err
+	}
+	body["_rev"] = revJSON
+	raw, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	d.fields, d.raw, d.Rev, d.meta, d.size = body, raw, rev, meta, len(raw)
+	return nil
+}
+
+type writeResult int
+
+const (
+	writeOK writeResult = iota
+	writeConflict
+	writeGone
+	writeRejected
+	writeTransient
+)
+
+// classify sorts a write error. 401 means our credentials are wrong, which
+// no document can fix: it is retried like an outage. Other 4xx answers are
+// about this document (too large, refused by a validation function) and
+// send it to the error state.
+func classify(err error) writeResult {
+	switch {
+	case err == nil:
+		return writeOK
+	case couch.IsConflict(err):
+		return writeConflict
+	case couch.IsNotFound(err):
+		return writeGone
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return writeTransient
+	case couch.IsTransient(err), kivik.HTTPStatus(err) == http.StatusUnauthorized:
+		return writeTransient
+	default:
+		return writeRejected
+	}
+}
+
+const maxReason = 1000
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// sameFields reports whether every value in set equals the document's
+// current value, compared as JSON values rather than bytes.
+func sameFields(fields, set map[string]json.RawMessage) bool {
+	for k, v := range set {
+		cur, ok := fields[k]
+		if !ok {
+			return false
+		}
+		var a, b any
+		if json.Unmarshal(cur, &a) != nil || json.Unmarshal(v, &b) != nil || !reflect.DeepEqual(a, b) {
+			return false
+		}
+	}
+	return true
+}
+
+// sameMeta compares bookkeeping that matters for a no-op: a stay that
+// changes nothing is not written, so it does not wake the feed again.
+func sameMeta(a, b Meta) bool {
+	return a.Attempts == b.Attempts && a.LastError == b.LastError && a.Claim == nil && b.Claim == nil &&
+		a.RetryAt.time().Equal(b.RetryAt.time()) && a.WakeAt.time().Equal(b.WakeAt.time()) && a.Invalid == ""
+}

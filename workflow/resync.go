@@ -1,0 +1,106 @@
+package workflow
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// resyncLoop makes the engine independent of any single feed event: at
+// start it queues every document in a registered (type, state), and then
+// every ResyncInterval every document whose due time passed (an expired
+// claim, a due retry, a wake-up), which covers work recorded by engines that
+// have since died.
+func (e *Engine) resyncLoop(ctx context.Context) {
+	if !e.opts.NoStartScan {
+		for attempt := 1; ctx.Err() == nil; attempt++ {
+			n, err := e.scanHandled(ctx)
+			if err == nil {
+				e.log.Info("start scan done", "queued", n)
+				break
+			}
+			d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+			e.log.Warn("start scan failed; retrying", "err", err, "in", d)
+			if !sleep(ctx, d) {
+				return
+			}
+		}
+	}
+	tick := time.NewTicker(e.opts.ResyncInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if n, err := e.scanDue(ctx); err != nil && ctx.Err() == nil {
+			e.log.Warn("resync scan failed", "err", err)
+		} else if n > 0 {
+			e.log.Debug("resync scan queued due documents", "queued", n)
+		}
+	}
+}
+
+// scanHandled queues every document in a registered (type, state).
+func (e *Engine) scanHandled(ctx context.Context) (int, error) {
+	total := 0
+	for k := range e.specs {
+		n, err := e.find(ctx, map[string]any{"type": k.typ, "state": k.state})
+		total += n
+		if err != nil {
+			return total, fmt.Errorf("scan %s/%s: %w", k.typ, k.state, err)
+		}
+	}
+	return total, nil
+}
+
+// scanDue queues every document whose due time passed.
+func (e *Engine) scanDue(ctx context.Context) (int, error) {
+	now := time.Now().UTC().Format(timeLayout)
+	return e.find(ctx, map[string]any{metaField + ".due": map[string]any{"$lte": now}})
+}
+
+const scanPage = 1000
+
+// find queues the ids matching selector, a page at a time in _id order.
+// Paging by _id rather than skip keeps each page's cost flat; Mango can sort
+// by _id without an index of ours, so nothing is created in the database.
+func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error) {
+	total, last := 0, ""
+	for {
+		sel := make(map[string]any, len(selector)+1)
+		for k, v := range selector {
+			sel[k] = v
+		}
+		sel["_id"] = map[string]any{"$gt": last}
+		rows := e.db.Find(ctx, map[string]any{
+			"selector": sel,
+			"fields":   []string{"_id"},
+			"sort":     []map[string]string{{"_id": "asc"}},
+			"limit":    scanPage,
+		})
+		n := 0
+		for rows.Next() {
+			var d struct {
+				ID string `json:"_id"`
+			}
+			if err := rows.ScanDoc(&d); err != nil || d.ID == "" {
+				continue
+			}
+			e.q.add(d.ID, nil, 0)
+			last = d.ID
+			n++
+		}
+		err := rows.Err()
+		_ = rows.Close()
+		total += n
+		e.stats.resyncQueued.Add(int64(n))
+		if err != nil {
+			return total, err
+		}
+		if n < scanPage {
+			return total, nil
+		}
+	}
+}
