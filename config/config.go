@@ -1,0 +1,130 @@
+package config
+
+import (
+	"net/url"
+	"strings"
+	"time"
+)
+
+// redactedValue replaces secrets in Redacted output.
+const redactedValue = "[redacted]"
+
+// Config is the complete daemon configuration. The yaml tags match the
+// dotted keys listed by Keys, so yaml.Marshal(cfg.Redacted()) prints a file
+// that Load accepts again.
+type Config struct {
+	CouchDB  CouchDB `yaml:"couchdb"`
+	Database string  `yaml:"database"`
+	Engine   Engine  `yaml:"engine"`
+	Log      Log     `yaml:"log"`
+	HTTP     HTTP    `yaml:"http"`
+}
+
+// CouchDB is how to reach the CouchDB server.
+type CouchDB struct {
+	// URL is the server's base URL, without credentials.
+	URL      string `yaml:"url"`
+	Username string `yaml:"username"`
+	// Password is a secret: it never appears in errors or in Redacted.
+	Password string `yaml:"password"`
+	// PasswordFile is read by Load into Password; Load returns it empty so
+	// that the result validates again and is self-contained.
+	PasswordFile   string `yaml:"password_file"`
+	MaxConnections int    `yaml:"max_connections"`
+}
+
+// Engine tunes the document state-machine engine and its changes feed.
+type Engine struct {
+	Workers            int           `yaml:"workers"`
+	Owner              string        `yaml:"owner"`
+	Lease              time.Duration `yaml:"lease"`
+	HandlerTimeout     time.Duration `yaml:"handler_timeout"`
+	MaxAttempts        int           `yaml:"max_attempts"`
+	RetryBase          time.Duration `yaml:"retry_base"`
+	RetryMax           time.Duration `yaml:"retry_max"`
+	ResyncInterval     time.Duration `yaml:"resync_interval"`
+	FullResyncOnStart  bool          `yaml:"full_resync_on_start"`
+	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
+	FeedTimeout        time.Duration `yaml:"feed_timeout"`
+	FeedBatch          int           `yaml:"feed_batch"`
+	MaxPending         int           `yaml:"max_pending"`
+	DrainTimeout       time.Duration `yaml:"drain_timeout"`
+}
+
+// Log configures the slog logger.
+type Log struct {
+	Level  string `yaml:"level"`
+	Format string `yaml:"format"`
+}
+
+// HTTP configures the metrics and health listener.
+type HTTP struct {
+	// Listen is a host:port; empty disables the listener.
+	Listen string `yaml:"listen"`
+}
+
+// Default returns the built-in defaults. They form a valid configuration
+// for a CouchDB on localhost in admin party mode, so a development run needs
+// no file at all.
+func Default() Config {
+	return Config{
+		CouchDB: CouchDB{
+			URL:            "http://127.0.0.1:5984",
+			MaxConnections: 64,
+		},
+		Database: "docstate",
+		Engine: Engine{
+			Workers:            16,
+			Lease:              2 * time.Minute,
+			HandlerTimeout:     30 * time.Second,
+			MaxAttempts:        5,
+			RetryBase:          time.Second,
+			RetryMax:           time.Hour,
+			ResyncInterval:     time.Minute,
+			FullResyncOnStart:  true,
+			CheckpointInterval: 5 * time.Second,
+			FeedTimeout:        60 * time.Second,
+			FeedBatch:          500,
+			MaxPending:         10000,
+			DrainTimeout:       30 * time.Second,
+		},
+		Log: Log{
+			Level:  "info",
+			Format: "text",
+		},
+		HTTP: HTTP{
+			Listen: "127.0.0.1:9090",
+		},
+	}
+}
+
+// Redacted returns a copy of c that is safe to print or log: the password
+// is replaced by "[redacted]" (an empty password stays empty, so the output
+// still tells whether one is set), and so is any password embedded in the
+// URL, which Validate refuses but which may be present in a config being
+// printed precisely because it does not validate.
+func (c Config) Redacted() Config {
+	if c.CouchDB.Password != "" {
+		c.CouchDB.Password = redactedValue
+	}
+	c.CouchDB.URL = redactURL(c.CouchDB.URL)
+	return c
+}
+
+// redactURL hides the password of a URL with user info. A URL that does
+// not parse but contains '@' may hold credentials we cannot locate, so it is
+// hidden entirely.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		if strings.Contains(raw, "@") {
+			return redactedValue
+		}
+		return raw
+	}
+	if u.User == nil {
+		return raw
+	}
+	// Redacted keeps the username and replaces the password with "xxxxx".
+	return u.Redacted()
+}

@@ -1,0 +1,282 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// envPrefix starts the environment variable of every key.
+const envPrefix = "DOCSTATE_"
+
+// KeyInfo describes one configuration key, for documentation and --help.
+type KeyInfo struct {
+	// Key is the dotted key used in YAML nesting and overrides, e.g.
+	// "engine.workers".
+	Key string
+	// Env is the environment variable that sets the key, e.g.
+	// "DOCSTATE_ENGINE_WORKERS".
+	Env string
+	// Type is "string", "int", "bool" or "duration".
+	Type string
+	// Default is the built-in default in the syntax every source accepts,
+	// e.g. "2m" for a duration.
+	Default string
+	// Help is a one-line description including the allowed range.
+	Help string
+	// Secret marks keys whose value is never printed.
+	Secret bool
+}
+
+// Keys returns every configuration key in a stable order (the order of the
+// example file), with its environment variable, type, default and help.
+func Keys() []KeyInfo {
+	def := Default()
+	table := keyTable()
+	infos := make([]KeyInfo, 0, len(table))
+	for _, k := range table {
+		info := KeyInfo{
+			Key:     k.name,
+			Env:     envName(k.name),
+			Type:    k.typ,
+			Default: k.get(&def),
+			Help:    k.help,
+			Secret:  k.secret,
+		}
+		if info.Secret && info.Default != "" {
+			info.Default = redactedValue
+		}
+		infos = append(infos, info)
+	}
+	return infos
+}
+
+// envName maps a dotted key to its environment variable.
+func envName(key string) string {
+	return envPrefix + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+// key is one row of the key table. The table is the single description of
+// the configuration: the YAML walker, the environment, the overrides,
+// Validate and Keys all iterate over it, so adding a key here is enough for
+// every source to accept it and for the docs to list it.
+type key struct {
+	name   string
+	typ    string
+	help   string
+	secret bool
+	// get formats the key's current value in c.
+	get func(c *Config) string
+	// set parses s and stores it in c; errors do not name the key, the
+	// caller adds where the value came from.
+	set func(c *Config, s string) error
+	// check validates the value in the complete config (rules may look at
+	// other keys); nil means every parsable value is valid.
+	check func(c *Config) error
+}
+
+// apply calls set and guarantees that a secret's value never reaches an
+// error message, whatever the parser would have said.
+func (k key) apply(c *Config, s string) error {
+	if err := k.set(c, s); err != nil {
+		if k.secret {
+			return errors.New("invalid value (not shown: secret)")
+		}
+		return err
+	}
+	return nil
+}
+
+// codec converts between a field type and the string form used by
+// environment variables, overrides, YAML scalars and docs.
+type codec[T any] struct {
+	typ    string
+	parse  func(string) (T, error)
+	format func(T) string
+}
+
+// newKey builds a table row for the field that field points to. Taking an
+// accessor instead of reflecting over struct tags keeps the table checked
+// by the compiler.
+func newKey[T any](
+	name, help string,
+	field func(*Config) *T,
+	cd codec[T],
+	check func(c *Config, v T) error,
+) key {
+	k := key{
+		name: name,
+		typ:  cd.typ,
+		help: help,
+		get:  func(c *Config) string { return cd.format(*field(c)) },
+		set: func(c *Config, s string) error {
+			v, err := cd.parse(s)
+			if err != nil {
+				return err
+			}
+			*field(c) = v
+			return nil
+		},
+	}
+	if check != nil {
+		k.check = func(c *Config) error { return check(c, *field(c)) }
+	}
+	return k
+}
+
+func stringCodec() codec[string] {
+	return codec[string]{
+		typ:    "string",
+		parse:  func(s string) (string, error) { return s, nil },
+		format: func(s string) string { return s },
+	}
+}
+
+func intCodec() codec[int] {
+	return codec[int]{
+		typ: "int",
+		parse: func(s string) (int, error) {
+			// Base 10 only: "010" meaning 8 would surprise in an env var.
+			v, err := strconv.ParseInt(s, 10, 0)
+			if err != nil {
+				var numErr *strconv.NumError
+				if errors.As(err, &numErr) {
+					err = numErr.Err
+				}
+				return 0, fmt.Errorf("invalid integer %q: %w", s, err)
+			}
+			return int(v), nil
+		},
+		format: strconv.Itoa,
+	}
+}
+
+func boolCodec() codec[bool] {
+	return codec[bool]{
+		typ: "bool",
+		parse: func(s string) (bool, error) {
+			// strconv rules rather than YAML 1.1's yes/no/on/off, so the
+			// file and the environment accept exactly the same spellings.
+			v, err := strconv.ParseBool(s)
+			if err != nil {
+				return false, fmt.Errorf("invalid boolean %q, want true or false", s)
+			}
+			return v, nil
+		},
+		format: strconv.FormatBool,
+	}
+}
+
+func durationCodec() codec[time.Duration] {
+	return codec[time.Duration]{
+		typ: "duration",
+		parse: func(s string) (time.Duration, error) {
+			v, err := time.ParseDuration(s)
+			if err != nil {
+				// time's message repeats the value and, for the common
+				// mistake of a bare number, does not say what to write.
+				return 0, fmt.Errorf("invalid duration %q, want a number with a unit such as \"30s\", \"2m\" or \"1h\"", s)
+			}
+			return v, nil
+		},
+		format: formatDuration,
+	}
+}
+
+// formatDuration is time.Duration.String without the zero tails, so that
+// defaults read "2m" and "1h" as in the docs rather than "2m0s" and
+// "1h0m0s". The result parses back to the same duration.
+func formatDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}
+
+// keyTable returns the key table. It is built on each call rather than
+// kept in a package variable: it is small, and the package has no globals.
+func keyTable() []key {
+	secret := func(k key) key {
+		k.secret = true
+		return k
+	}
+	return []key{
+		newKey("couchdb.url",
+			"CouchDB base URL, http or https; must not contain credentials",
+			func(c *Config) *string { return &c.CouchDB.URL }, stringCodec(), checkURL),
+		newKey("couchdb.username",
+			"CouchDB user for basic auth; empty = no authentication",
+			func(c *Config) *string { return &c.CouchDB.Username }, stringCodec(), checkUsername),
+		secret(newKey("couchdb.password",
+			"password for couchdb.username (secret); prefer couchdb.password_file",
+			func(c *Config) *string { return &c.CouchDB.Password }, stringCodec(), nil)),
+		newKey("couchdb.password_file",
+			"file holding the password, read at load, trailing newline trimmed; exclusive with couchdb.password",
+			func(c *Config) *string { return &c.CouchDB.PasswordFile }, stringCodec(), checkPasswordFile),
+		newKey("couchdb.max_connections",
+			"maximum concurrent HTTP connections to CouchDB; > 0",
+			func(c *Config) *int { return &c.CouchDB.MaxConnections }, intCodec(), intAtLeast(1)),
+		newKey("database",
+			"the watched database; a valid CouchDB name, ^[a-z][a-z0-9_$()+/-]*$, at most 238 characters",
+			func(c *Config) *string { return &c.Database }, stringCodec(), checkDatabase),
+		newKey("engine.workers",
+			"documents handled at once; 1..1024",
+			func(c *Config) *int { return &c.Engine.Workers }, intCodec(), intBetween(1, 1024)),
+		newKey("engine.owner",
+			"claim owner id; empty = hostname-pid-random chosen at start",
+			func(c *Config) *string { return &c.Engine.Owner }, stringCodec(), nil),
+		newKey("engine.lease",
+			"default claim lease for unsafe handlers; >= 1s",
+			func(c *Config) *time.Duration { return &c.Engine.Lease }, durationCodec(), durationAtLeast(time.Second)),
+		newKey("engine.handler_timeout",
+			"default per-handler timeout; > 0 and < engine.lease",
+			func(c *Config) *time.Duration { return &c.Engine.HandlerTimeout }, durationCodec(), checkHandlerTimeout),
+		newKey("engine.max_attempts",
+			"default failed attempts before the error state; 1..1000",
+			func(c *Config) *int { return &c.Engine.MaxAttempts }, intCodec(), intBetween(1, 1000)),
+		newKey("engine.retry_base",
+			"retry backoff base; > 0 and <= engine.retry_max",
+			func(c *Config) *time.Duration { return &c.Engine.RetryBase }, durationCodec(), checkRetryBase),
+		newKey("engine.retry_max",
+			"retry backoff cap; > 0",
+			func(c *Config) *time.Duration { return &c.Engine.RetryMax }, durationCodec(), durationPositive),
+		newKey("engine.resync_interval",
+			"interval of the periodic scan for due documents; >= 1s",
+			func(c *Config) *time.Duration { return &c.Engine.ResyncInterval }, durationCodec(), durationAtLeast(time.Second)),
+		newKey("engine.full_resync_on_start",
+			"scan the whole database for due documents at start",
+			func(c *Config) *bool { return &c.Engine.FullResyncOnStart }, boolCodec(), nil),
+		newKey("engine.checkpoint_interval",
+			"how often the feed position is saved; >= 100ms",
+			func(c *Config) *time.Duration { return &c.Engine.CheckpointInterval }, durationCodec(),
+			durationAtLeast(100*time.Millisecond)),
+		newKey("engine.feed_timeout",
+			"longpoll timeout of the _changes feed; 1s..10m",
+			func(c *Config) *time.Duration { return &c.Engine.FeedTimeout }, durationCodec(),
+			durationBetween(time.Second, 10*time.Minute)),
+		newKey("engine.feed_batch",
+			"changes per longpoll request; 1..10000",
+			func(c *Config) *int { return &c.Engine.FeedBatch }, intCodec(), intBetween(1, 10000)),
+		newKey("engine.max_pending",
+			"changes received but not finished before the feed pauses; >= engine.feed_batch",
+			func(c *Config) *int { return &c.Engine.MaxPending }, intCodec(), checkMaxPending),
+		newKey("engine.drain_timeout",
+			"bound on the graceful stop; >= 0",
+			func(c *Config) *time.Duration { return &c.Engine.DrainTimeout }, durationCodec(), durationAtLeast(0)),
+		newKey("log.level",
+			"log level: debug, info, warn or error",
+			func(c *Config) *string { return &c.Log.Level }, stringCodec(), oneOf("debug", "info", "warn", "error")),
+		newKey("log.format",
+			"log format: text or json",
+			func(c *Config) *string { return &c.Log.Format }, stringCodec(), oneOf("text", "json")),
+		newKey("http.listen",
+			"metrics and health listener, host:port; empty = off",
+			func(c *Config) *string { return &c.HTTP.Listen }, stringCodec(), checkListen),
+	}
+}
