@@ -43,6 +43,11 @@ type Options struct {
 	// errors (default 1s and 2m, with jitter).
 	FeedRetryMin time.Duration
 	FeedRetryMax time.Duration
+	// FeedLinger is how long the feed waits before asking again after a
+	// request that returned less than a full batch (default 20ms). Without
+	// it, every write (the engine's own included) wakes the longpoll with a
+	// single row, and the server answers a feed request per write.
+	FeedLinger time.Duration
 	// MaxPending bounds changes received but not finished; the feed pauses
 	// at the bound. Default 10000.
 	MaxPending int
@@ -95,6 +100,7 @@ func (o *Options) setDefaults() error {
 	if o.FeedBatch == 0 {
 		o.FeedBatch = 500
 	}
+	def(&o.FeedLinger, 20*time.Millisecond)
 	def(&o.FeedRetryMin, time.Second)
 	def(&o.FeedRetryMax, 2*time.Minute)
 	if o.MaxPending == 0 {
@@ -107,7 +113,7 @@ func (o *Options) setDefaults() error {
 		o.Logger = slog.Default()
 	}
 	switch {
-	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0:
+	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0, o.FeedLinger < 0:
 		return errors.New("workers, max attempts, feed batch and max pending must not be negative")
 	case o.Lease <= o.HandlerTimeout:
 		return fmt.Errorf("lease %v must exceed handler timeout %v", o.Lease, o.HandlerTimeout)

@@ -33,10 +33,13 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		if err := e.tr.waitBelow(ctx, e.opts.MaxPending); err != nil {
 			return
 		}
-		next, err := e.poll(ctx, since)
+		next, rows, err := e.poll(ctx, since)
 		if err == nil {
 			since = next
 			failures = 0
+			if rows < e.opts.FeedBatch && !sleep(ctx, e.opts.FeedLinger) {
+				return
+			}
 			continue
 		}
 		if ctx.Err() != nil {
@@ -68,8 +71,8 @@ func (e *Engine) follow(ctx context.Context, since string) {
 var errFeedReset = errors.New("feed reset requested")
 
 // poll makes one longpoll request and queues what it returns. It returns
-// the seq to continue from.
-func (e *Engine) poll(ctx context.Context, since string) (string, error) {
+// the seq to continue from and the number of rows.
+func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 	// The deadline covers the server's own timeout plus slack: a request
 	// that outlives it is on a dead connection.
 	reqCtx, cancel := context.WithTimeout(ctx, e.opts.FeedTimeout+30*time.Second)
@@ -97,8 +100,9 @@ func (e *Engine) poll(ctx context.Context, since string) (string, error) {
 		"include_docs": true,
 	}))
 	defer rows.Close()
-	last := since
+	last, n := since, 0
 	for rows.Next() {
+		n++
 		e.stats.changes.Add(1)
 		seq := rows.Seq()
 		tok := e.tr.add(seq)
@@ -123,23 +127,23 @@ func (e *Engine) poll(ctx context.Context, since string) (string, error) {
 	err := rows.Err()
 	select {
 	case <-reset:
-		return last, errFeedReset
+		return last, n, errFeedReset
 	default:
 	}
 	if err != nil {
 		// Rows already queued keep their tokens; continuing from the last
 		// one received loses nothing and repeats nothing.
 		if last != since {
-			return last, nil
+			return last, n, nil
 		}
-		return since, fmt.Errorf("changes since %s: %w", since, err)
+		return since, n, fmt.Errorf("changes since %s: %w", since, err)
 	}
 	e.stats.feedRequests.Add(1)
 	if meta, err := rows.Metadata(); err == nil && meta.LastSeq != "" {
 		e.tr.addDone(meta.LastSeq)
 		last = meta.LastSeq
 	}
-	return last, nil
+	return last, n, nil
 }
 
 // jsonDoc keeps the document bytes from the feed as they came.

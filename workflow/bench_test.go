@@ -1,0 +1,111 @@
+package workflow_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
+)
+
+// BenchmarkTransitions measures one-step transitions per second through the
+// engine against the real server, beside the server's own rate for raw
+// single-document PUT updates at the same concurrency, in the same run. Each
+// op is one document. Run it with a fixed count, e.g.
+//
+//	go test -run '^$' -bench Transitions -benchtime 2000x ./workflow/
+//
+// and read docs/s (engine), raw-docs/s (server) and ratio.
+func BenchmarkTransitions(b *testing.B) {
+	for _, mode := range []workflow.Mode{workflow.Safe, workflow.Unsafe} {
+		for _, c := range []int{1, 4, 16} {
+			b.Run(fmt.Sprintf("%s/c=%d", mode, c), func(b *testing.B) {
+				client := couchtest.Client(b)
+				raw := rawPutRate(b, couchtest.NewDB(b, client), b.N, c)
+				db := couchtest.NewDB(b, client)
+				rate := engineRate(b, db, b.N, c, mode)
+				b.ReportMetric(raw, "raw-docs/s")
+				b.ReportMetric(rate, "docs/s")
+				b.ReportMetric(rate/raw, "ratio")
+			})
+		}
+	}
+}
+
+// rawPutRate updates n existing documents once each with c writers.
+func rawPutRate(b *testing.B, db *kivik.DB, n, c int) float64 {
+	b.Helper()
+	ids := putDocs(b, db, "raw", n, "job", "new", nil)
+	revs := make(map[string]string, n)
+	rows := db.AllDocs(context.Background())
+	for rows.Next() {
+		var v struct {
+			Rev string `json:"rev"`
+		}
+		if err := rows.ScanValue(&v); err != nil {
+			b.Fatal(err)
+		}
+		id, _ := rows.ID()
+		revs[id] = v.Rev
+	}
+	_ = rows.Close()
+	work := make(chan string, n)
+	for _, id := range ids {
+		work <- id
+	}
+	close(work)
+	ctx := context.Background()
+	startAt := time.Now()
+	var wg sync.WaitGroup
+	for range c {
+		wg.Go(func() {
+			for id := range work {
+				doc := map[string]any{"_id": id, "_rev": revs[id], "type": "job", "state": "done"}
+				if _, err := db.Put(ctx, id, doc); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return float64(n) / time.Since(startAt).Seconds()
+}
+
+// engineRate moves n documents new → done through an engine with c workers
+// and returns documents per second, from engine start to the last write.
+func engineRate(b *testing.B, db *kivik.DB, n, c int, mode workflow.Mode) float64 {
+	b.Helper()
+	putDocs(b, db, "job", n, "job", "new", nil)
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: mode,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			return workflow.Transition("done"), nil
+		})})
+	opts := testOptions(b)
+	opts.Workers = c
+	if l := os.Getenv("BENCH_LINGER"); l != "" {
+		opts.FeedLinger, _ = time.ParseDuration(l)
+	}
+	opts.NoStartScan = true // the feed delivers every document; the scan would only add reads
+	b.ResetTimer()
+	startAt := time.Now()
+	eng := start(b, db, reg, opts)
+	deadline := time.Now().Add(10 * time.Minute)
+	for eng.Stats().Transitions < int64(n) {
+		if time.Now().After(deadline) {
+			b.Fatalf("only %d of %d transitions", eng.Stats().Transitions, n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	elapsed := time.Since(startAt)
+	b.StopTimer()
+	eng.stop(b)
+	return float64(n) / elapsed.Seconds()
+}
