@@ -35,6 +35,7 @@ type CouchDB struct {
 
 // Engine tunes the document state-machine engine and its changes feed.
 type Engine struct {
+	Name               string        `yaml:"name"`
 	Workers            int           `yaml:"workers"`
 	Owner              string        `yaml:"owner"`
 	Lease              time.Duration `yaml:"lease"`
@@ -47,6 +48,7 @@ type Engine struct {
 	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
 	FeedTimeout        time.Duration `yaml:"feed_timeout"`
 	FeedBatch          int           `yaml:"feed_batch"`
+	FeedLinger         time.Duration `yaml:"feed_linger"`
 	MaxPending         int           `yaml:"max_pending"`
 	DrainTimeout       time.Duration `yaml:"drain_timeout"`
 }
@@ -74,6 +76,7 @@ func Default() Config {
 		},
 		Database: "docstate",
 		Engine: Engine{
+			Name:               "docstate",
 			Workers:            16,
 			Lease:              2 * time.Minute,
 			HandlerTimeout:     30 * time.Second,
@@ -85,6 +88,7 @@ func Default() Config {
 			CheckpointInterval: 5 * time.Second,
 			FeedTimeout:        60 * time.Second,
 			FeedBatch:          500,
+			FeedLinger:         20 * time.Millisecond,
 			MaxPending:         10000,
 			DrainTimeout:       30 * time.Second,
 		},

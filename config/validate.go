@@ -228,3 +228,17 @@ func checkListen(_ *Config, v string) error {
 	}
 	return nil
 }
+
+// checkEngineName keeps the name usable inside a _local document id and a
+// log line: short, printable, no slashes.
+func checkEngineName(_ *Config, n string) error {
+	if n == "" || len(n) > 64 {
+		return fmt.Errorf("must be 1 to 64 characters, got %d", len(n))
+	}
+	for _, r := range n {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("must use only a-z, 0-9, '-', '_' and '.', got %q", n)
+		}
+	}
+	return nil
+}
