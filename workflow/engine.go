@@ -151,6 +151,9 @@ type Engine struct {
 
 	resetFeed chan struct{}
 	running   atomic.Bool
+	// feedContact is when the server last answered a feed request (unix
+	// nanoseconds), for readiness.
+	feedContact atomic.Int64
 }
 
 // New returns an engine for db running reg's handlers. Spec fields left zero
@@ -280,6 +283,21 @@ func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
 			return "", fmt.Errorf("workflow: load checkpoint: %w", ctx.Err())
 		}
 	}
+}
+
+// Ready reports whether the engine is following its feed: nil when the
+// server answered a feed request within the longpoll timeout plus slack,
+// otherwise the reason. A daemon's readiness probe and watchdog use it.
+func (e *Engine) Ready() error {
+	last := e.feedContact.Load()
+	if last == 0 {
+		return errors.New("the changes feed has not been read yet")
+	}
+	age := time.Since(time.Unix(0, last))
+	if limit := e.opts.FeedTimeout + 35*time.Second; age > limit {
+		return fmt.Errorf("no answer on the changes feed for %v (limit %v)", age.Round(time.Second), limit)
+	}
+	return nil
 }
 
 // Stats is a snapshot of the engine's counters.

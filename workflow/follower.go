@@ -35,6 +35,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		}
 		next, rows, err := e.poll(ctx, since)
 		if err == nil {
+			e.feedContact.Store(time.Now().UnixNano())
 			since = next
 			failures = 0
 			if rows < e.opts.FeedBatch && !sleep(ctx, e.opts.FeedLinger) {

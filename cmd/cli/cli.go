@@ -1,0 +1,228 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"strings"
+
+	kivik "github.com/go-kivik/kivik/v4"
+	"github.com/spf13/cobra"
+
+	"github.com/docstate/docstate/config"
+	"github.com/docstate/docstate/handlers"
+	"github.com/docstate/docstate/internal/couch"
+)
+
+// Env is what handler sets are built from: the loaded configuration and
+// the resources made from it.
+type Env struct {
+	Config config.Config
+	Client *kivik.Client
+	DB     *kivik.DB
+	Logger *slog.Logger
+}
+
+// Options customise the command line.
+type Options struct {
+	// Sets returns the handler sets the daemon runs. Default: Builtin.
+	Sets func(env Env) ([]handlers.Set, error)
+	// Name is the command's name in help. Default "docstate".
+	Name string
+	// Stdout and Stderr default to the process's.
+	Stdout, Stderr io.Writer
+	// Environ defaults to os.Environ(); tests pass their own.
+	Environ []string
+}
+
+// Builtin returns docstate's built-in handler sets.
+func Builtin(env Env) []handlers.Set {
+	return nil
+}
+
+// Main runs the command line with os.Args and returns the exit code.
+func Main(opts Options) int {
+	root := NewRoot(opts)
+	root.SetArgs(os.Args[1:])
+	if err := root.ExecuteContext(context.Background()); err != nil {
+		fmt.Fprintln(root.ErrOrStderr(), "docstate:", err)
+		return 1
+	}
+	return 0
+}
+
+// globals are the flags every command shares.
+type globals struct {
+	configPath string
+	sets       []string
+}
+
+// NewRoot builds the command tree.
+func NewRoot(opts Options) *cobra.Command {
+	if opts.Name == "" {
+		opts.Name = "docstate"
+	}
+	if opts.Sets == nil {
+		opts.Sets = func(env Env) ([]handlers.Set, error) { return Builtin(env), nil }
+	}
+	if opts.Environ == nil {
+		opts.Environ = os.Environ()
+	}
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   opts.Name,
+		Short: "Move CouchDB documents through state machines",
+		Long: `docstate follows a CouchDB database's _changes feed and hands every document
+with a "type" and a "state" to the Go handler registered for that pair.
+Safe handlers may run twice; unsafe ones run once per claim, written into the
+document with MVCC before they start.
+
+Configuration comes from a YAML file (--config or DOCSTATE_CONFIG), then
+DOCSTATE_* environment variables, then --set key=value flags, each overriding
+the one before. 'docstate config keys' lists every key.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	if opts.Stdout != nil {
+		root.SetOut(opts.Stdout)
+	}
+	if opts.Stderr != nil {
+		root.SetErr(opts.Stderr)
+	}
+	root.PersistentFlags().StringVarP(&g.configPath, "config", "c", "", "config file (YAML); default $DOCSTATE_CONFIG")
+	root.PersistentFlags().StringArrayVar(&g.sets, "set", nil, "override a config key, e.g. --set engine.workers=4 (repeatable)")
+	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newVersionCmd(), newConfigCmd(g, opts))
+	return root
+}
+
+// load reads the configuration from the file, environment and --set flags.
+func (g *globals) load(opts Options) (config.Config, error) {
+	path := g.configPath
+	if path == "" {
+		path = lookupEnv(opts.Environ, "DOCSTATE_CONFIG")
+	}
+	overrides := make(map[string]string, len(g.sets))
+	for _, s := range g.sets {
+		k, v, ok := strings.Cut(s, "=")
+		if !ok || k == "" {
+			return config.Config{}, fmt.Errorf("--set %q: want key=value", s)
+		}
+		overrides[k] = v
+	}
+	cfg, err := config.Load(path, opts.Environ, overrides)
+	if err != nil {
+		return config.Config{}, err
+	}
+	return cfg, nil
+}
+
+func lookupEnv(environ []string, name string) string {
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == name {
+			return v
+		}
+	}
+	return ""
+}
+
+// newLogger builds the slog logger the config asks for, on w.
+func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
+	level := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}[cfg.Log.Level]
+	hopts := &slog.HandlerOptions{Level: level}
+	if cfg.Log.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, hopts))
+	}
+	return slog.New(slog.NewTextHandler(w, hopts))
+}
+
+// connect builds the client and database handle for cfg.
+func connect(cfg config.Config) (*kivik.Client, *kivik.DB, error) {
+	client, err := couch.NewClient(couch.Options{
+		URL:             cfg.CouchDB.URL,
+		Username:        cfg.CouchDB.Username,
+		Password:        cfg.CouchDB.Password,
+		MaxConnsPerHost: cfg.CouchDB.MaxConnections,
+		UserAgent:       "docstate/" + version(),
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return client, client.DB(cfg.Database), nil
+}
+
+func version() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok || info.Main.Version == "" {
+		return "devel"
+	}
+	return info.Main.Version
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version and build information",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			info, ok := debug.ReadBuildInfo()
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "docstate %s\n", version())
+			if !ok {
+				return nil
+			}
+			fmt.Fprintf(out, "go %s\n", info.GoVersion)
+			for _, s := range info.Settings {
+				if strings.HasPrefix(s.Key, "vcs.") {
+					fmt.Fprintf(out, "%s %s\n", s.Key, s.Value)
+				}
+			}
+			return nil
+		},
+	}
+}
+
+func newConfigCmd(g *globals, opts Options) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "config",
+		Short: "Show configuration keys or the effective configuration",
+	}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "keys",
+		Short: "List every config key with its environment variable, default and meaning",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, k := range config.Keys() {
+				fmt.Fprintf(cmd.OutOrStdout(), "%-30s %-36s default %-24q %s\n", k.Key, k.Env, k.Default, k.Help)
+			}
+			return nil
+		},
+	}, &cobra.Command{
+		Use:   "show",
+		Short: "Print the effective configuration (secrets redacted)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := g.load(opts)
+			if err != nil {
+				return err
+			}
+			return printConfig(cmd.OutOrStdout(), cfg)
+		},
+	})
+	return cmd
+}
+
+func printConfig(w io.Writer, cfg config.Config) error {
+	for _, kv := range cfg.Values() {
+		if _, err := fmt.Fprintf(w, "%s=%s\n", kv.Key, kv.Value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// errProblems is returned by check after it printed its problems.
+var errProblems = errors.New("check failed")

@@ -1,0 +1,166 @@
+package cli_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docstate/docstate/cmd/cli"
+	"github.com/docstate/docstate/handlers"
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
+)
+
+func TestMain(m *testing.M) { couchtest.Main(m) }
+
+// jobs moves job documents new → done.
+var jobs = handlers.Func{SetName: "jobs", Fn: func(reg *workflow.Registry) error {
+	return reg.Register(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe,
+		Handler: workflow.HandlerFunc(func(context.Context, *workflow.Doc) (workflow.Result, error) {
+			return workflow.Transition("done"), nil
+		})})
+}}
+
+// writeConfig writes a config file for the test server and database.
+func writeConfig(t *testing.T, db, extra string) string {
+	t.Helper()
+	o := couchtest.Options(t)
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte(o.Password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "docstate.yaml")
+	cfg := fmt.Sprintf("couchdb:\n  url: %s\n  username: %s\n  password_file: %s\ndatabase: %s\n%s", o.URL, o.Username, pw, db, extra)
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func freeAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func TestRunProcessesDocsServesHealthAndDrainsOnCancel(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	addr := freeAddr(t)
+	path := writeConfig(t, db.Name(), "engine:\n  checkpoint_interval: 100ms\nhttp:\n  listen: "+addr+"\n")
+	ctx := context.Background()
+	for i := range 20 {
+		if _, err := db.Put(ctx, fmt.Sprintf("j%02d", i), map[string]any{"type": "job", "state": "new"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var stderr bytes.Buffer
+	root := cli.NewRoot(cli.Options{
+		Sets:    func(cli.Env) ([]handlers.Set, error) { return []handlers.Set{jobs}, nil },
+		Stderr:  &stderr,
+		Environ: []string{},
+	})
+	root.SetArgs([]string{"run", "--config", path, "--set", "engine.workers=4"})
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(runCtx) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var doc struct{ State string }
+		_ = db.Get(ctx, "j19").ScanDoc(&doc)
+		resp, err := http.Get("http://" + addr + "/readyz")
+		ready := err == nil && resp.StatusCode == http.StatusOK
+		if resp != nil {
+			resp.Body.Close()
+		}
+		if doc.State == "done" && ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("state %q ready %v; stderr:\n%s", doc.State, ready, stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run returned %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("run did not stop after cancel")
+	}
+	done <- nil
+	for _, want := range []string{"docstate starting", "engine stopped", "docstate stopped"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, stderr.String())
+		}
+	}
+	if strings.Contains(stderr.String(), couchtest.Options(t).Password) {
+		t.Fatal("the password appears in the log")
+	}
+}
+
+func TestCheckReportsEachProblemAndFails(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	tests := []struct {
+		name  string
+		extra string
+		db    string
+		want  []string
+		ok    bool
+	}{
+		{name: "good", db: db.Name(), want: []string{"config: ok", "couchdb: ok", "handlers: 1 registered", "job"}, ok: true},
+		{name: "unknown key", db: db.Name(), extra: "engine:\n  wrokers: 3\n", want: []string{`unknown key "engine.wrokers"`}},
+		{name: "missing database", db: "no-such-db", want: []string{`database: "no-such-db" does not exist`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			root := cli.NewRoot(cli.Options{
+				Sets:    func(cli.Env) ([]handlers.Set, error) { return []handlers.Set{jobs}, nil },
+				Stdout:  &out,
+				Stderr:  &out,
+				Environ: []string{},
+			})
+			root.SetArgs([]string{"check", "--config", writeConfig(t, tt.db, tt.extra)})
+			err := root.ExecuteContext(context.Background())
+			if (err == nil) != tt.ok {
+				t.Fatalf("err = %v, want ok=%v; output:\n%s", err, tt.ok, out.String())
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(out.String(), w) {
+					t.Errorf("output lacks %q:\n%s", w, out.String())
+				}
+			}
+		})
+	}
+}
+
+func TestCheckUnreachableServerAndWrongPassword(t *testing.T) {
+	var out bytes.Buffer
+	root := cli.NewRoot(cli.Options{Stdout: &out, Stderr: &out, Environ: []string{}})
+	root.SetArgs([]string{"check", "--set", "couchdb.url=http://" + freeAddr(t)})
+	if err := root.ExecuteContext(context.Background()); err == nil || !strings.Contains(out.String(), "cannot reach") {
+		t.Fatalf("unreachable: err %v output:\n%s", err, out.String())
+	}
+	o := couchtest.Options(t)
+	out.Reset()
+	root = cli.NewRoot(cli.Options{Stdout: &out, Stderr: &out, Environ: []string{}})
+	root.SetArgs([]string{"check", "--set", "couchdb.url=" + o.URL, "--set", "couchdb.username=" + o.Username, "--set", "couchdb.password=wrong"})
+	if err := root.ExecuteContext(context.Background()); err == nil || strings.Contains(out.String(), "wrong") ||
+		!strings.Contains(out.String(), `refused the credentials of user "admin"`) {
+		t.Fatalf("wrong password: err %v, output (must fail, must not echo the password):\n%s", err, out.String())
+	}
+}

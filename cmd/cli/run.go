@@ -1,0 +1,148 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/docstate/docstate/config"
+	"github.com/docstate/docstate/handlers"
+	"github.com/docstate/docstate/workflow"
+)
+
+func newRunCmd(g *globals, opts Options) *cobra.Command {
+	return &cobra.Command{
+		Use:   "run",
+		Short: "Run the daemon until SIGINT or SIGTERM",
+		Long: `Run follows the configured database and runs the registered handlers.
+
+On SIGINT or SIGTERM it stops reading the feed, lets running handlers finish
+for up to engine.drain_timeout, saves the checkpoint and exits 0. Documents
+still queued are not lost: their changes were not checkpointed and are
+replayed at the next start. With http.listen set it serves /healthz (the
+process is up) and /readyz (the changes feed answered recently).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := g.load(opts)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return run(ctx, cfg, opts, cmd)
+		},
+	}
+}
+
+// EngineOptions maps the configuration onto the engine's options.
+func EngineOptions(cfg config.Config) workflow.Options {
+	e := cfg.Engine
+	return workflow.Options{
+		Name:               e.Name,
+		Owner:              e.Owner,
+		Workers:            e.Workers,
+		HandlerTimeout:     e.HandlerTimeout,
+		Lease:              e.Lease,
+		MaxAttempts:        e.MaxAttempts,
+		RetryBase:          e.RetryBase,
+		RetryMax:           e.RetryMax,
+		FeedTimeout:        e.FeedTimeout,
+		FeedBatch:          e.FeedBatch,
+		FeedLinger:         e.FeedLinger,
+		MaxPending:         e.MaxPending,
+		CheckpointInterval: e.CheckpointInterval,
+		ResyncInterval:     e.ResyncInterval,
+		NoStartScan:        !e.FullResyncOnStart,
+		DrainTimeout:       e.DrainTimeout,
+	}
+}
+
+// build makes the registry and engine for cfg.
+func build(cfg config.Config, opts Options, env Env) (*workflow.Registry, *workflow.Engine, error) {
+	sets, err := opts.Sets(env)
+	if err != nil {
+		return nil, nil, fmt.Errorf("handler sets: %w", err)
+	}
+	reg := workflow.NewRegistry()
+	if err := handlers.Register(reg, sets...); err != nil {
+		return nil, nil, err
+	}
+	eopts := EngineOptions(cfg)
+	eopts.Logger = env.Logger
+	eng, err := workflow.New(env.DB, reg, eopts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return reg, eng, nil
+}
+
+func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Command) error {
+	log := newLogger(cfg, cmd.ErrOrStderr())
+	client, db, err := connect(cfg)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	env := Env{Config: cfg, Client: client, DB: db, Logger: log}
+	reg, eng, err := build(cfg, opts, env)
+	if err != nil {
+		return err
+	}
+	if reg.Len() == 0 {
+		log.Warn("no handlers registered: the daemon will follow the feed but do nothing")
+	}
+	log.Info("docstate starting", "version", version(), "couchdb", cfg.CouchDB.URL, "database", cfg.Database, "handlers", reg.Len())
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if cfg.HTTP.Listen != "" {
+		srv, ln, err := listen(cfg.HTTP.Listen, eng)
+		if err != nil {
+			return err
+		}
+		log.Info("http listening", "addr", ln.Addr().String())
+		wg.Go(func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server failed", "err", err)
+			}
+		})
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+		}()
+	}
+	if err := eng.Run(ctx); err != nil {
+		return err
+	}
+	log.Info("docstate stopped")
+	return nil
+}
+
+// listen opens the health listener.
+func listen(addr string, eng *workflow.Engine) (*http.Server, net.Listener, error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := eng.Ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("http.listen %s: %w", addr, err)
+	}
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln, nil
+}

@@ -1,0 +1,54 @@
+package handlers
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/docstate/docstate/workflow"
+)
+
+// Set is a group of handlers registered together, such as device
+// registration or channels.
+type Set interface {
+	// Name identifies the set in logs and errors.
+	Name() string
+	// Register adds the set's handlers to reg.
+	Register(reg *workflow.Registry) error
+}
+
+// Register adds every set to reg, in order. A set whose registration fails
+// (a duplicate (type, state), say) is named in the error; registration stops
+// there, because a daemon with half its handlers must not start.
+func Register(reg *workflow.Registry, sets ...Set) error {
+	if reg == nil {
+		return errors.New("handlers: nil registry")
+	}
+	seen := make(map[string]bool, len(sets))
+	for _, s := range sets {
+		if s == nil {
+			return errors.New("handlers: nil handler set")
+		}
+		if seen[s.Name()] {
+			return fmt.Errorf("handlers: set %q listed twice", s.Name())
+		}
+		seen[s.Name()] = true
+		if err := s.Register(reg); err != nil {
+			return fmt.Errorf("handlers: set %q: %w", s.Name(), err)
+		}
+	}
+	return nil
+}
+
+// Func adapts a function to Set, for small sets written inline.
+type Func struct {
+	SetName string
+	Fn      func(reg *workflow.Registry) error
+}
+
+var _ Set = Func{}
+
+// Name returns SetName.
+func (f Func) Name() string { return f.SetName }
+
+// Register calls Fn.
+func (f Func) Register(reg *workflow.Registry) error { return f.Fn(reg) }
