@@ -156,7 +156,7 @@ func connect(cfg config.Config) (*kivik.Client, *kivik.DB, error) {
 
 func version() string {
 	info, ok := debug.ReadBuildInfo()
-	if !ok || info.Main.Version == "" {
+	if !ok || info.Main.Version == "" || info.Main.Version == "(devel)" {
 		return "devel"
 	}
 	return info.Main.Version
