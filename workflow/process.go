@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"reflect"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	kivik "github.com/go-kivik/kivik/v4"
@@ -169,17 +170,10 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	meta.Claims = claim.Attempt
 	meta.RetryAt = nil
 	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
-	switch classify(err) {
-	case writeOK:
-	case writeConflict:
-		e.stats.claimsLost.Add(1)
-		return outcome{}, true
-	case writeGone:
-		return finished, false
-	case writeRejected:
-		return e.fail(ctx, doc, spec, meta, fmt.Sprintf("claim write rejected: %v", err), meta.Attempts+1)
-	default:
-		return transient, false
+	if err != nil {
+		return e.settle(err, &e.stats.claimsLost, nil, func(err error) (outcome, bool) {
+			return e.fail(ctx, doc, spec, meta, fmt.Sprintf("claim write rejected: %v", err), meta.Attempts+1)
+		})
 	}
 	if claim.Takeover {
 		e.stats.claimsTakenOver.Add(1)
@@ -292,23 +286,17 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 		}
 	}
 	_, _, err = e.commit(ctx, doc, state, set, res.unset, next)
-	switch classify(err) {
-	case writeOK:
-		e.stats.transitions.Add(1)
-		if state != "" {
-			e.log.Debug("transition", "id", doc.ID, "type", doc.Type, "from", doc.State, "to", state)
-		}
-		return finishedUntil(res.wakeAt), false
-	case writeConflict:
-		e.stats.conflicts.Add(1)
-		return outcome{}, true
-	case writeGone:
-		return finished, false
-	case writeRejected:
-		return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("the server rejected the result: %w", err)))
-	default:
-		return transient, false
-	}
+	return e.settle(err, &e.stats.conflicts,
+		func() outcome {
+			e.stats.transitions.Add(1)
+			if state != "" {
+				e.log.Debug("transition", "id", doc.ID, "type", doc.Type, "from", doc.State, "to", state)
+			}
+			return finishedUntil(res.wakeAt)
+		},
+		func(err error) (outcome, bool) {
+			return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("the server rejected the result: %w", err)))
+		})
 }
 
 func finishedUntil(t time.Time) outcome {
@@ -339,22 +327,14 @@ func (e *Engine) recordFailure(ctx context.Context, doc *Doc, spec Spec, meta Me
 	next.Attempts, next.LastError, next.Claim = attempts, reason, nil
 	next.RetryAt = stamp(time.Now().Add(delay))
 	_, _, err := e.commit(ctx, doc, "", nil, nil, next)
-	switch classify(err) {
-	case writeOK:
-		e.stats.retries.Add(1)
-		e.log.Warn("handler failed; will retry", "id", doc.ID, "type", doc.Type, "state", doc.State,
-			"attempt", attempts, "max_attempts", spec.MaxAttempts, "retry_in", delay.Round(time.Millisecond), "err", reason)
-		return finishedAfter(delay), false
-	case writeConflict:
-		e.stats.conflicts.Add(1)
-		return outcome{}, true
-	case writeGone:
-		return finished, false
-	case writeRejected:
-		return e.fail(ctx, doc, spec, meta, reason, attempts)
-	default:
-		return transient, false
-	}
+	return e.settle(err, &e.stats.conflicts,
+		func() outcome {
+			e.stats.retries.Add(1)
+			e.log.Warn("handler failed; will retry", "id", doc.ID, "type", doc.Type, "state", doc.State,
+				"attempt", attempts, "max_attempts", spec.MaxAttempts, "retry_in", delay.Round(time.Millisecond), "err", reason)
+			return finishedAfter(delay)
+		},
+		func(error) (outcome, bool) { return e.fail(ctx, doc, spec, meta, reason, attempts) })
 }
 
 // fail moves the document to its error state with the reason.
@@ -364,26 +344,20 @@ func (e *Engine) fail(ctx context.Context, doc *Doc, spec Spec, meta Meta, reaso
 		Error: &ErrorInfo{From: doc.State, Reason: truncate(reason, maxReason), Attempts: attempts, At: Stamp{time.Now().UTC()}},
 	}
 	_, _, err := e.commit(ctx, doc, spec.ErrorState, nil, nil, next)
-	switch classify(err) {
-	case writeOK:
-		e.stats.failed.Add(1)
-		e.log.Error("document failed", "id", doc.ID, "type", doc.Type, "state", doc.State,
-			"error_state", spec.ErrorState, "attempts", attempts, "reason", reason)
-		return finished, false
-	case writeConflict:
-		e.stats.conflicts.Add(1)
-		return outcome{}, true
-	case writeGone:
-		return finished, false
-	case writeRejected:
-		// Even the error record is refused (a validation function, say).
-		// Nothing more can be written; the reason is in this log line.
-		e.log.Error("document failed and its error could not be recorded", "id", doc.ID, "type", doc.Type,
-			"state", doc.State, "reason", reason, "write_err", err)
-		return finished, false
-	default:
-		return transient, false
-	}
+	return e.settle(err, &e.stats.conflicts,
+		func() outcome {
+			e.stats.failed.Add(1)
+			e.log.Error("document failed", "id", doc.ID, "type", doc.Type, "state", doc.State,
+				"error_state", spec.ErrorState, "attempts", attempts, "reason", reason)
+			return finished
+		},
+		func(err error) (outcome, bool) {
+			// Even the error record is refused (a validation function,
+			// say). Nothing more can be written; the reason is in this log.
+			e.log.Error("document failed and its error could not be recorded", "id", doc.ID, "type", doc.Type,
+				"state", doc.State, "reason", reason, "write_err", err)
+			return finished, false
+		})
 }
 
 // recordInvalid notes on a document of a handled type why it cannot be
@@ -430,6 +404,27 @@ func (e *Engine) noHandler(ctx context.Context, doc *Doc) (outcome, bool) {
 		return transient, false
 	default:
 		return finished, false
+	}
+}
+
+// settle turns a write's error into the run's outcome. The policy is the
+// same for every write: a conflict means the document moved on, so read it
+// again (conflicts counts it); a missing document or database ends the run;
+// an outage repeats it later. Success and a refusal of this particular
+// document are the caller's to handle.
+func (e *Engine) settle(err error, conflicts *atomic.Int64, ok func() outcome, rejected func(error) (outcome, bool)) (outcome, bool) {
+	switch classify(err) {
+	case writeOK:
+		return ok(), false
+	case writeConflict:
+		conflicts.Add(1)
+		return outcome{}, true
+	case writeGone:
+		return finished, false
+	case writeRejected:
+		return rejected(err)
+	default:
+		return transient, false
 	}
 }
 
