@@ -78,7 +78,7 @@ func Main(m *testing.M) {
 
 	// os.Exit skips deferred calls, so the server is stopped explicitly,
 	// whatever the tests' outcome. (A panicking test never returns here; the
-	// kernel then kills the server, see sysProcAttr.)
+	// kernel then kills the server, see testproc.SysProcAttr.)
 	if crash := s.unexpectedExit(); crash != "" {
 		// PouchDB Server crashes on some requests (a non-admin PUT of a new
 		// db, a _changes filter naming a missing design doc). Every later

@@ -21,6 +21,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/testproc"
 )
 
 const (
@@ -271,7 +272,7 @@ func (s *Server) launchLocked() error {
 	cmd.Dir = s.dir
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr
-	cmd.SysProcAttr = sysProcAttr()
+	cmd.SysProcAttr = testproc.SysProcAttr()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", node, err)
 	}
@@ -374,7 +375,7 @@ func (s *Server) killLocked() error {
 	if p.exited() {
 		return nil
 	}
-	killGroup(p.cmd)
+	testproc.KillGroup(p.cmd)
 	select {
 	case <-p.done:
 		return nil
