@@ -18,6 +18,40 @@ type Config struct {
 	Engine   Engine  `yaml:"engine"`
 	Log      Log     `yaml:"log"`
 	HTTP     HTTP    `yaml:"http"`
+	SMTP     SMTP    `yaml:"smtp"`
+	Devices  Devices `yaml:"devices"`
+}
+
+// SMTP is the relay that sends device confirmation mail.
+type SMTP struct {
+	Host        string `yaml:"host"`
+	Port        int    `yaml:"port"`
+	TLS         string `yaml:"tls"`
+	ImplicitTLS bool   `yaml:"implicit_tls"`
+	Username    string `yaml:"username"`
+	// Password is a secret, like CouchDB.Password; PasswordFile is read by
+	// Load into it.
+	Password     string        `yaml:"password"`
+	PasswordFile string        `yaml:"password_file"`
+	HELO         string        `yaml:"helo"`
+	Timeout      time.Duration `yaml:"timeout"`
+	From         string        `yaml:"from"`
+}
+
+// Devices configures device registration (package devices).
+type Devices struct {
+	Enabled bool `yaml:"enabled"`
+	// SecretFile holds the HMAC key for codes and links (at least 32
+	// bytes); the daemon reads it with devices.ReadSecretFile.
+	SecretFile     string        `yaml:"secret_file"`
+	BaseURL        string        `yaml:"base_url"`
+	CodeTTL        time.Duration `yaml:"code_ttl"`
+	ResendInterval time.Duration `yaml:"resend_interval"`
+	MaxAttempts    int           `yaml:"max_attempts"`
+	AddressSends   int           `yaml:"address_sends"`
+	AddressWindow  time.Duration `yaml:"address_window"`
+	MaxIterations  int           `yaml:"max_iterations"`
+	TemplatesDir   string        `yaml:"templates_dir"`
 }
 
 // CouchDB is how to reach the CouchDB server.
@@ -99,6 +133,19 @@ func Default() Config {
 		HTTP: HTTP{
 			Listen: "127.0.0.1:9090",
 		},
+		SMTP: SMTP{
+			Port:    587,
+			TLS:     "mandatory",
+			Timeout: 30 * time.Second,
+		},
+		Devices: Devices{
+			CodeTTL:        15 * time.Minute,
+			ResendInterval: time.Minute,
+			MaxAttempts:    5,
+			AddressSends:   5,
+			AddressWindow:  time.Hour,
+			MaxIterations:  1000000,
+		},
 	}
 }
 
@@ -112,6 +159,9 @@ func (c Config) Redacted() Config {
 		c.CouchDB.Password = redactedValue
 	}
 	c.CouchDB.URL = redactURL(c.CouchDB.URL)
+	if c.SMTP.Password != "" {
+		c.SMTP.Password = redactedValue
+	}
 	return c
 }
 

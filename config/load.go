@@ -67,6 +67,15 @@ func Load(path string, env []string, overrides map[string]string) (Config, error
 			c.CouchDB.PasswordFile = ""
 		}
 	}
+	if c.SMTP.PasswordFile != "" && c.SMTP.Password == "" {
+		pw, err := readPasswordFile(c.SMTP.PasswordFile)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("smtp.password_file: %w", err))
+		} else {
+			c.SMTP.Password = pw
+			c.SMTP.PasswordFile = ""
+		}
+	}
 	if len(errs) > 0 {
 		return Config{}, errors.Join(errs...)
 	}

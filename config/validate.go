@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/mail"
 	"net/url"
 	"slices"
 	"strconv"
@@ -239,6 +240,82 @@ func checkEngineName(_ *Config, n string) error {
 		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
 			return fmt.Errorf("must use only a-z, 0-9, '-', '_' and '.', got %q", n)
 		}
+	}
+	return nil
+}
+
+func checkSMTPHost(c *Config, v string) error {
+	if v == "" && c.Devices.Enabled {
+		return errors.New("required when devices.enabled is true")
+	}
+	if strings.ContainsAny(v, " /:@\r\n") {
+		return fmt.Errorf("must be a host name or IP address without port, got %q", v)
+	}
+	return nil
+}
+
+func checkImplicitTLS(c *Config, v bool) error {
+	if v && c.SMTP.TLS == "none" {
+		return errors.New("cannot be combined with smtp.tls none")
+	}
+	return nil
+}
+
+func checkSMTPUsername(c *Config, v string) error {
+	if v == "" && (c.SMTP.Password != "" || c.SMTP.PasswordFile != "") {
+		return errors.New("required when smtp.password or smtp.password_file is set")
+	}
+	if strings.ContainsAny(v, "\r\n\x00") {
+		return errors.New("must not contain line breaks or NUL")
+	}
+	return nil
+}
+
+func checkSMTPPasswordFile(c *Config, v string) error {
+	if v != "" && c.SMTP.Password != "" {
+		return errors.New("cannot be combined with smtp.password; set only one")
+	}
+	return nil
+}
+
+func checkHELO(_ *Config, v string) error {
+	if strings.ContainsAny(v, " \t\r\n") {
+		return fmt.Errorf("must not contain spaces or line breaks, got %q", v)
+	}
+	return nil
+}
+
+// checkSMTPFrom wants a bare address: the From header and the Message-ID
+// domain are built from it.
+func checkSMTPFrom(c *Config, v string) error {
+	if v == "" {
+		if c.Devices.Enabled {
+			return errors.New("required when devices.enabled is true")
+		}
+		return nil
+	}
+	a, err := mail.ParseAddress(v)
+	if err != nil || a.Address != v || strings.ContainsAny(v, " \r\n") {
+		return fmt.Errorf("must be a bare email address such as docstate@example.com, got %q", v)
+	}
+	return nil
+}
+
+func checkSecretFile(c *Config, v string) error {
+	if v == "" && c.Devices.Enabled {
+		return errors.New("required when devices.enabled is true")
+	}
+	return nil
+}
+
+func checkBaseURL(_ *Config, v string) error {
+	if v == "" {
+		return nil
+	}
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+		u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("must be an absolute http(s) URL without credentials, query or fragment, got %q", v)
 	}
 	return nil
 }

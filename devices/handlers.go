@@ -1,0 +1,304 @@
+package devices
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/docstate/docstate/workflow"
+)
+
+// codeFields are cleared whenever a code stops being usable, so a
+// finished document holds no hash to attack offline.
+// They are functions, not variables: appending to a shared slice could
+// alias.
+func codeFields() []string { return []string{FieldCodeHash, FieldLinkHash, FieldCodeExpires} }
+
+// inputFields are the device's requests, consumed by every run that reads
+// them.
+func inputFields() []string {
+	return []string{FieldConfirmAttempt, FieldConfirmLink, FieldResendRequested}
+}
+
+// changes collects field changes before the result's kind (stay or
+// transition) is known: workflow.Result fixes that at construction.
+type changes struct {
+	set   map[string]any
+	unset []string
+}
+
+func (c *changes) Set(k string, v any) *changes {
+	if c.set == nil {
+		c.set = map[string]any{}
+	}
+	c.set[k] = v
+	return c
+}
+
+func (c *changes) Unset(fields ...string) *changes {
+	c.unset = append(c.unset, fields...)
+	return c
+}
+
+func (c *changes) apply(r workflow.Result) workflow.Result {
+	for _, k := range c.unset {
+		if _, ok := c.set[k]; !ok {
+			r = r.Unset(k)
+		}
+	}
+	for k, v := range c.set {
+		r = r.Set(k, v)
+	}
+	return r
+}
+
+func unset(r workflow.Result, fields ...string) workflow.Result {
+	for _, f := range fields {
+		r = r.Unset(f)
+	}
+	return r
+}
+
+func stampOf(t time.Time) workflow.Stamp {
+	return workflow.Stamp{Time: t.UTC().Truncate(time.Millisecond)}
+}
+
+// handleNew validates the request and sends the first code.
+func (d *Devices) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+	req, err := d.parseRequest(doc)
+	if err != nil {
+		return workflow.Result{}, err
+	}
+	var sends int
+	if _, err := doc.Field(FieldSends, &sends); err != nil || sends < 0 {
+		sends = 0
+	}
+	var c changes
+	retryAt, err := d.send(ctx, doc, req, sends, &c)
+	if err != nil {
+		return workflow.Result{}, err
+	}
+	if !retryAt.IsZero() {
+		return c.apply(workflow.Stay()).WakeAt(retryAt), nil
+	}
+	// Anything a device wrote into fields docstate owns is overwritten.
+	c.Set(FieldFailedAttempts, 0).Unset(FieldLastAttemptError, FieldReason, FieldCouchUser, FieldOwnerRole)
+	return c.apply(workflow.Transition(StateConfirming)), nil
+}
+
+// send derives a code for this claim, reserves a slot in the owner's
+// address limit, mails the code and returns the fields that record it. ok
+// Its changes go into c. A non-zero retryAt means the address limit says
+// to wait until then; nothing was sent.
+func (d *Devices) send(ctx context.Context, doc *workflow.Doc, req request, sends int, c *changes) (retryAt time.Time, err error) {
+	if doc.Claim == nil {
+		return time.Time{}, errors.New("devices: handler registered without a claim (must be Unsafe)")
+	}
+	redrive := ""
+	if e := doc.Meta().Error; e != nil {
+		redrive = e.At.UTC().Format(time.RFC3339Nano)
+	}
+	code, token, messageID := d.secrets(issue{
+		docID: doc.ID, claimKey: doc.Claim.Key, sends: itoa(sends), redrive: redrive,
+		owner: req.owner, salt: req.creds.Salt,
+	})
+	now := time.Now()
+	allowed, retryAt, err := d.reserve(ctx, req.owner, messageID, now)
+	if err != nil {
+		return time.Time{}, err
+	}
+	if !allowed {
+		c.Set(FieldSendDelayed, "too many mails to this address recently; next possible at "+
+			retryAt.UTC().Format(time.RFC3339))
+		return retryAt, nil
+	}
+	expires := now.Add(d.opts.CodeTTL)
+	link := ""
+	if d.opts.BaseURL != "" {
+		link = strings.TrimRight(d.opts.BaseURL, "/") + ConfirmPath + "?" +
+			url.Values{"d": {doc.ID}, "t": {token}}.Encode()
+	}
+	body, err := d.opts.Templates.render(TemplateData{
+		Owner: req.owner, DeviceName: req.deviceName, Code: code, Link: link,
+		Expires: expires.UTC(), ValidFor: d.opts.CodeTTL.Round(time.Second).String(),
+	})
+	if err != nil {
+		return time.Time{}, workflow.Terminal(err)
+	}
+	msg := Message{
+		To: req.owner, From: d.opts.From, Subject: body.subject, Text: body.text, HTML: body.html,
+		MessageID: messageID,
+		Headers:   map[string]string{"Auto-Submitted": "auto-generated"},
+	}
+	if err := d.opts.Mailer.Send(ctx, msg); err != nil {
+		return time.Time{}, fmt.Errorf("send confirmation mail %s: %w", messageID, err)
+	}
+	d.log.Info("confirmation mail sent", "id", doc.ID, "message_id", messageID,
+		"claim", doc.Claim.Key, "resend_after_takeover", doc.Claim.Takeover)
+	c.Set(FieldCodeHash, d.codeHash(doc.ID, code)).
+		Set(FieldCodeExpires, stampOf(expires)).
+		Set(FieldSends, sends+1).
+		Set(FieldLastSentAt, stampOf(now)).
+		Set(FieldMessageID, messageID).
+		Unset(FieldConfirmAttempt, FieldConfirmLink, FieldResendRequested, FieldResendDenied, FieldSendDelayed)
+	if link != "" {
+		c.Set(FieldLinkHash, d.linkHash(doc.ID, token))
+	} else {
+		c.Unset(FieldLinkHash)
+	}
+	return time.Time{}, nil
+}
+
+// codeState is what docstate recorded about the current code.
+type codeState struct {
+	codeHash, linkHash string
+	expires, lastSent  time.Time
+	sends, failed      int
+}
+
+func readCodeState(doc *workflow.Doc) (codeState, error) {
+	var s codeState
+	var exp, last workflow.Stamp
+	if ok, err := doc.Field(FieldCodeHash, &s.codeHash); err != nil || !ok || s.codeHash == "" {
+		return s, workflow.Terminal(errors.New("no confirmation code on record (field code_hash)"))
+	}
+	if ok, err := doc.Field(FieldCodeExpires, &exp); err != nil || !ok {
+		return s, workflow.Terminal(errors.New("no code expiry on record (field code_expires)"))
+	}
+	s.expires = exp.Time
+	_, _ = doc.Field(FieldLinkHash, &s.linkHash)
+	if ok, _ := doc.Field(FieldLastSentAt, &last); ok {
+		s.lastSent = last.Time
+	}
+	_, _ = doc.Field(FieldSends, &s.sends)
+	_, _ = doc.Field(FieldFailedAttempts, &s.failed)
+	return s, nil
+}
+
+// handleConfirming checks attempts, expires the code, and resends on
+// request. It is Unsafe: the claim serialises runs across engines, so the
+// attempt counter it reads is the one the previous run wrote, and no check
+// happens without its count being written (a Safe run could check a guess,
+// lose the write to a 409 and leave the check uncounted).
+func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+	req, err := d.parseRequest(doc)
+	if err != nil {
+		return workflow.Result{}, err
+	}
+	st, err := readCodeState(doc)
+	if err != nil {
+		return workflow.Result{}, err
+	}
+	now := time.Now()
+	if !now.Before(st.expires) {
+		return unset(workflow.Transition(StateExpired).
+			Set(FieldReason, "confirmation code expired at "+st.expires.UTC().Format(time.RFC3339)),
+			append(codeFields(), inputFields()...)...), nil
+	}
+
+	var c changes
+	if doc.Has(FieldConfirmAttempt) || doc.Has(FieldConfirmLink) {
+		d.verifications.Add(1)
+		why := d.check(doc, st)
+		if why == "" {
+			return d.activate(ctx, doc, req)
+		}
+		st.failed++
+		if st.failed >= d.opts.MaxAttempts {
+			d.log.Warn("device locked after too many wrong codes", "id", doc.ID, "attempts", st.failed)
+			return unset(workflow.Transition(StateLocked).
+				Set(FieldFailedAttempts, st.failed).
+				Set(FieldLastAttemptError, why).
+				Set(FieldReason, fmt.Sprintf("locked after %d wrong confirmation attempts", st.failed)),
+				append(codeFields(), inputFields()...)...), nil
+		}
+		c.Set(FieldFailedAttempts, st.failed).
+			Set(FieldLastAttemptError, fmt.Sprintf("%s (attempt %d of %d)", why, st.failed, d.opts.MaxAttempts)).
+			Unset(FieldConfirmAttempt, FieldConfirmLink)
+	}
+
+	wake := st.expires
+	var resend bool
+	if ok, err := doc.Field(FieldResendRequested, &resend); ok || err != nil {
+		c.Unset(FieldResendRequested)
+		if next := st.lastSent.Add(d.opts.ResendInterval); resend && err == nil && now.Before(next) {
+			c.Set(FieldResendDenied, "resend too soon: the last mail went out at "+
+				st.lastSent.UTC().Format(time.RFC3339)+"; next possible at "+next.UTC().Format(time.RFC3339))
+		} else if resend && err == nil {
+			retryAt, err := d.send(ctx, doc, req, st.sends, &c)
+			if err != nil {
+				return workflow.Result{}, err
+			}
+			if !retryAt.IsZero() {
+				// Refused rather than delayed: the device may ask again.
+				c.Set(FieldResendDenied, "resend refused: too many mails to this address recently; next possible at "+
+					retryAt.UTC().Format(time.RFC3339))
+			} else {
+				wake = time.Now().Add(d.opts.CodeTTL)
+			}
+		}
+	}
+	return c.apply(workflow.Stay()).WakeAt(wake), nil
+}
+
+// check returns "" when the attempt proves the code, else why not. Both
+// comparisons are of HMACs, in constant time.
+func (d *Devices) check(doc *workflow.Doc, st codeState) string {
+	var proof string
+	if ok, err := doc.Field(FieldConfirmLink, &proof); ok || err != nil {
+		if err == nil && st.linkHash != "" && equalHex(proof, d.linkProof(doc.ID, st.linkHash)) {
+			return ""
+		}
+		return "confirmation link not valid for the current code"
+	}
+	var attempt string
+	if _, err := doc.Field(FieldConfirmAttempt, &attempt); err != nil {
+		return "confirm_attempt must be a string"
+	}
+	if len(attempt) > maxAttemptLen {
+		return "wrong code"
+	}
+	attempt = strings.NewReplacer(" ", "", "-", "").Replace(attempt)
+	if equalHex(d.codeHash(doc.ID, attempt), st.codeHash) {
+		return ""
+	}
+	return "wrong code"
+}
+
+// activate provisions the CouchDB user and moves the device to active.
+func (d *Devices) activate(ctx context.Context, doc *workflow.Doc, req request) (workflow.Result, error) {
+	name := UserName(doc.ID, req.creds.Salt)
+	role := OwnerRole(req.owner)
+	if err := d.provision(ctx, doc.ID, name, role, req.creds); err != nil {
+		return workflow.Result{}, fmt.Errorf("provision CouchDB user: %w", err)
+	}
+	d.log.Info("device confirmed", "id", doc.ID, "user", name)
+	return unset(workflow.Transition(StateActive).
+		Set(FieldCouchUser, name).
+		Set(FieldOwnerRole, role).
+		Set(FieldActivatedAt, stampOf(time.Now())),
+		append(append(codeFields(), inputFields()...), FieldLastAttemptError, FieldResendDenied, FieldSendDelayed)...), nil
+}
+
+// handleActive revokes on request. Safe: deleting a user is idempotent.
+func (d *Devices) handleActive(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+	var revoke bool
+	if ok, _ := doc.Field(FieldRevokeRequested, &revoke); !ok || !revoke {
+		return workflow.Stay(), nil
+	}
+	var name string
+	if ok, err := doc.Field(FieldCouchUser, &name); err != nil || !ok || name == "" {
+		return workflow.Result{}, workflow.Terminal(errors.New("active device without couch_user"))
+	}
+	if err := d.deprovision(ctx, doc.ID, name); err != nil {
+		return workflow.Result{}, fmt.Errorf("revoke CouchDB user: %w", err)
+	}
+	d.log.Info("device revoked", "id", doc.ID, "user", name)
+	return workflow.Transition(StateRevoked).
+		Set(FieldRevokedAt, stampOf(time.Now())).
+		Set(FieldReason, "revoked on request").
+		Unset(FieldRevokeRequested), nil
+}
