@@ -411,3 +411,48 @@ func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
 		t.Fatal("no feed reset counted")
 	}
 }
+
+func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	ctx := context.Background()
+	entered := make(chan struct{}, 10)
+	release := make(chan struct{})
+	var first atomic.Bool
+	first.Store(true)
+	checked := newCounter()
+	reg := workflow.NewRegistry()
+	// Like a confirmation check: consume the attempt, record what was checked.
+	reg.MustRegister(workflow.Spec{Type: "box", State: "open", Mode: workflow.Unsafe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			var attempt string
+			if ok, _ := doc.Field("attempt", &attempt); !ok {
+				return workflow.Stay(), nil
+			}
+			checked.inc(attempt)
+			if first.CompareAndSwap(true, false) {
+				entered <- struct{}{}
+				<-release
+			}
+			return workflow.Stay().Unset("attempt").Set("last_checked", attempt), nil
+		})})
+	if _, err := db.Put(ctx, "b", map[string]any{"type": "box", "state": "open", "attempt": "one"}); err != nil {
+		t.Fatal(err)
+	}
+	start(t, db, reg, testOptions(t))
+	<-entered
+	// The device writes a second attempt while the first is being checked.
+	d := get(t, db, "b")
+	d.Fields["attempt"] = "two"
+	if _, err := db.Put(ctx, "b", d.Fields); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	eventually(t, 20*time.Second, "second attempt checked", func() (bool, string) {
+		d := get(t, db, "b")
+		_, pending := d.Fields["attempt"]
+		return d.Fields["last_checked"] == "two" && !pending, mustJSON(d.Fields)
+	})
+	if checked.get("one") != 1 || checked.get("two") != 1 {
+		t.Fatalf("checks: one=%d two=%d, want each once", checked.get("one"), checked.get("two"))
+	}
+}

@@ -199,6 +199,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 // it is merged onto the newer revision as long as the claim is still ours.
 // Only when the claim is gone, taken over after expiry, is it dropped.
 func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta, claim *Claim, res Result, herr error) outcome {
+	seen := doc.fields
 	for attempt := 1; ; attempt++ {
 		var out outcome
 		var conflict bool
@@ -238,6 +239,14 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 			return finished
 		}
 		fresh.Claim, fresh.Attempt, fresh.LastError = doc.Claim, doc.Attempt, doc.LastError
+		// Someone else wrote while the handler ran (a device's new attempt,
+		// say). The handler decided on what it saw: fields it touches that
+		// changed since are left as the other writer made them, and the
+		// document is not marked settled, so the handler runs again and
+		// sees them.
+		if herr == nil {
+			res = res.without(changedFields(seen, fresh.fields, res.touched()))
+		}
 		doc, meta = fresh, fresh.meta.forState(fresh.State)
 	}
 }
@@ -280,6 +289,9 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 		next.Attempts, next.LastError, next.RetryAt, next.Claim = 0, "", nil, nil
 		next.WakeAt = stamp(res.wakeAt)
 		next.Settled = revGeneration(doc.Rev) + 1
+		if res.unsettled {
+			next.Settled = 0
+		}
 		if !claimed && len(res.unset) == 0 && sameFields(doc.fields, set) && sameMeta(meta, next) {
 			e.stats.noops.Add(1)
 			return finishedUntil(res.wakeAt), false
@@ -502,6 +514,20 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n] + "…"
+}
+
+// changedFields returns those of fields whose value differs between two
+// versions of a document, compared as JSON values.
+func changedFields(before, after map[string]json.RawMessage, fields []string) []string {
+	var out []string
+	for _, f := range fields {
+		a, inA := before[f]
+		b, inB := after[f]
+		if inA != inB || (inA && !sameFields(map[string]json.RawMessage{f: a}, map[string]json.RawMessage{f: b})) {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // sameFields reports whether every value in set equals the document's

@@ -17,6 +17,10 @@ type Result struct {
 	set    map[string]any
 	unset  []string
 	wakeAt time.Time
+	// unsettled is set when the result was merged onto a revision whose
+	// fields changed under the handler: the write must not mark the
+	// document settled, so the handler sees the change.
+	unsettled bool
 }
 
 // Transition moves the document to state next.
@@ -54,6 +58,40 @@ func (r Result) WakeAt(t time.Time) Result {
 
 // Next returns the target state, "" when staying.
 func (r Result) Next() string { return r.next }
+
+// touched lists the fields the result sets or unsets.
+func (r Result) touched() []string {
+	out := make([]string, 0, len(r.set)+len(r.unset))
+	for k := range r.set {
+		out = append(out, k)
+	}
+	return append(out, r.unset...)
+}
+
+// without returns r with the changes to fields dropped and unsettled set.
+func (r Result) without(fields []string) Result {
+	if len(fields) == 0 {
+		return r
+	}
+	drop := make(map[string]bool, len(fields))
+	for _, f := range fields {
+		drop[f] = true
+	}
+	set := make(map[string]any, len(r.set))
+	for k, v := range r.set {
+		if !drop[k] {
+			set[k] = v
+		}
+	}
+	var unset []string
+	for _, k := range r.unset {
+		if !drop[k] {
+			unset = append(unset, k)
+		}
+	}
+	r.set, r.unset, r.unsettled = set, unset, true
+	return r
+}
 
 // reserved fields are written only by the engine.
 func reserved(field string) bool {
