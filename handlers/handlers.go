@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -14,6 +15,26 @@ type Set interface {
 	Name() string
 	// Register adds the set's handlers to reg.
 	Register(reg *workflow.Registry) error
+}
+
+// Provisioner is implemented by sets that must prepare the database before
+// the engine starts, such as installing a validation function. Provision
+// must be idempotent: every daemon start, and every daemon of a scaled-out
+// group, calls it.
+type Provisioner interface {
+	Provision(ctx context.Context) error
+}
+
+// Provision calls Provision on every set that implements Provisioner.
+func Provision(ctx context.Context, sets ...Set) error {
+	for _, s := range sets {
+		if p, ok := s.(Provisioner); ok {
+			if err := p.Provision(ctx); err != nil {
+				return fmt.Errorf("handlers: provision set %q: %w", s.Name(), err)
+			}
+		}
+	}
+	return nil
 }
 
 // Register adds every set to reg, in order. A set whose registration fails

@@ -62,8 +62,8 @@ problem and exits non-zero if there is any.`,
 			} else {
 				fmt.Fprintf(out, "couchdb: ok (%s, database %q)\n", cfg.CouchDB.URL, cfg.Database)
 			}
-			env := Env{Config: cfg, Client: client, DB: db, Logger: newLogger(cfg, cmd.ErrOrStderr())}
-			reg, _, err := build(cfg, opts, env)
+			env := Env{Config: cfg, Client: client, DB: db, Logger: newLogger(cfg, cmd.ErrOrStderr()), Mux: http.NewServeMux()}
+			_, reg, _, err := build(cfg, opts, env)
 			if err != nil {
 				fmt.Fprintln(out, "handlers:", err)
 				return errProblems

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -25,6 +26,9 @@ type Env struct {
 	Client *kivik.Client
 	DB     *kivik.DB
 	Logger *slog.Logger
+	// Mux is served on http.listen; sets mount their pages on it (the
+	// device confirmation link).
+	Mux *http.ServeMux
 }
 
 // Options customise the command line.
@@ -39,9 +43,18 @@ type Options struct {
 	Environ []string
 }
 
-// Builtin returns docstate's built-in handler sets.
-func Builtin(env Env) []handlers.Set {
-	return nil
+// Builtin returns docstate's built-in handler sets that the configuration
+// enables: device registration with devices.enabled.
+func Builtin(env Env) ([]handlers.Set, error) {
+	var sets []handlers.Set
+	if env.Config.Devices.Enabled {
+		d, err := newDevices(env)
+		if err != nil {
+			return nil, err
+		}
+		sets = append(sets, d)
+	}
+	return sets, nil
 }
 
 // Main runs the command line with os.Args and returns the exit code.
@@ -67,7 +80,7 @@ func NewRoot(opts Options) *cobra.Command {
 		opts.Name = "docstate"
 	}
 	if opts.Sets == nil {
-		opts.Sets = func(env Env) ([]handlers.Set, error) { return Builtin(env), nil }
+		opts.Sets = Builtin
 	}
 	if opts.Environ == nil {
 		opts.Environ = os.Environ()

@@ -7,7 +7,8 @@
 //	func main() {
 //		os.Exit(cli.Main(cli.Options{
 //			Sets: func(env cli.Env) ([]handlers.Set, error) {
-//				return append(cli.Builtin(env), mySet{}), nil
+//				sets, err := cli.Builtin(env)
+//				return append(sets, mySet{}), err
 //			},
 //		}))
 //	}

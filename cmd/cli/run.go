@@ -65,23 +65,23 @@ func EngineOptions(cfg config.Config) workflow.Options {
 	}
 }
 
-// build makes the registry and engine for cfg.
-func build(cfg config.Config, opts Options, env Env) (*workflow.Registry, *workflow.Engine, error) {
+// build makes the handler sets, registry and engine for cfg.
+func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.Registry, *workflow.Engine, error) {
 	sets, err := opts.Sets(env)
 	if err != nil {
-		return nil, nil, fmt.Errorf("handler sets: %w", err)
+		return nil, nil, nil, fmt.Errorf("handler sets: %w", err)
 	}
 	reg := workflow.NewRegistry()
 	if err := handlers.Register(reg, sets...); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	eopts := EngineOptions(cfg)
 	eopts.Logger = env.Logger
 	eng, err := workflow.New(env.DB, reg, eopts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return reg, eng, nil
+	return sets, reg, eng, nil
 }
 
 func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Command) error {
@@ -91,9 +91,13 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 		return err
 	}
 	defer client.Close()
-	env := Env{Config: cfg, Client: client, DB: db, Logger: log}
-	reg, eng, err := build(cfg, opts, env)
+	mux := http.NewServeMux()
+	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux}
+	sets, reg, eng, err := build(cfg, opts, env)
 	if err != nil {
+		return err
+	}
+	if err := provision(ctx, sets); err != nil {
 		return err
 	}
 	if reg.Len() == 0 {
@@ -104,7 +108,7 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	if cfg.HTTP.Listen != "" {
-		srv, ln, err := listen(cfg.HTTP.Listen, eng)
+		srv, ln, err := listen(cfg.HTTP.Listen, mux, eng)
 		if err != nil {
 			return err
 		}
@@ -127,9 +131,24 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	return nil
 }
 
-// listen opens the health listener.
-func listen(addr string, eng *workflow.Engine) (*http.Server, net.Listener, error) {
-	mux := http.NewServeMux()
+// provision prepares the database for the sets, retrying while the server
+// is away so a daemon started before its database still comes up.
+func provision(ctx context.Context, sets []handlers.Set) error {
+	for attempt := 1; ; attempt++ {
+		err := handlers.Provision(ctx, sets...)
+		if err == nil || attempt == 5 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt) * time.Second):
+		}
+	}
+}
+
+// listen opens the listener for health checks and the sets' pages.
+func listen(addr string, mux *http.ServeMux, eng *workflow.Engine) (*http.Server, net.Listener, error) {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})

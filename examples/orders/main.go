@@ -45,7 +45,8 @@ func accept(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 func main() {
 	os.Exit(cli.Main(cli.Options{
 		Sets: func(env cli.Env) ([]handlers.Set, error) {
-			return append(cli.Builtin(env), orders{}), nil
+			sets, err := cli.Builtin(env)
+			return append(sets, orders{}), err
 		},
 	}))
 }

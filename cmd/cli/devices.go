@@ -1,0 +1,83 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/docstate/docstate/devices"
+	"github.com/docstate/docstate/handlers"
+)
+
+// deviceSet is the device registration handler set, as the daemon runs it:
+// its handlers, its confirmation page on the daemon's listener, and the
+// validation function it installs in the control database.
+type deviceSet struct {
+	*devices.Devices
+	env Env
+}
+
+var (
+	_ handlers.Set         = deviceSet{}
+	_ handlers.Provisioner = deviceSet{}
+)
+
+func (deviceSet) Name() string { return "devices" }
+
+// Provision installs the control database's validation function, which
+// keeps devices from writing the fields the daemon trusts. Only server
+// admins pass it: the daemon must be one anyway, to write _users entries
+// with roles.
+func (s deviceSet) Provision(ctx context.Context) error {
+	return devices.InstallValidation(ctx, s.env.DB, "")
+}
+
+// newDevices builds the device set from the configuration.
+func newDevices(env Env) (deviceSet, error) {
+	cfg := env.Config
+	secret, err := devices.ReadSecretFile(cfg.Devices.SecretFile)
+	if err != nil {
+		return deviceSet{}, fmt.Errorf("devices.secret_file: %w", err)
+	}
+	mailer, err := devices.NewSMTPMailer(devices.SMTPConfig{
+		Host:        cfg.SMTP.Host,
+		Port:        cfg.SMTP.Port,
+		TLS:         devices.TLSPolicy(cfg.SMTP.TLS),
+		ImplicitTLS: cfg.SMTP.ImplicitTLS,
+		Username:    cfg.SMTP.Username,
+		Password:    cfg.SMTP.Password,
+		HELO:        cfg.SMTP.HELO,
+		Timeout:     cfg.SMTP.Timeout,
+	})
+	if err != nil {
+		return deviceSet{}, fmt.Errorf("smtp: %w", err)
+	}
+	var tmpl *devices.Templates
+	if cfg.Devices.TemplatesDir != "" {
+		if tmpl, err = devices.LoadTemplates(cfg.Devices.TemplatesDir); err != nil {
+			return deviceSet{}, fmt.Errorf("devices.templates_dir: %w", err)
+		}
+	}
+	d, err := devices.New(devices.Options{
+		Client:         env.Client,
+		DB:             env.DB,
+		Mailer:         mailer,
+		From:           cfg.SMTP.From,
+		BaseURL:        cfg.Devices.BaseURL,
+		Secret:         secret,
+		CodeTTL:        cfg.Devices.CodeTTL,
+		ResendInterval: cfg.Devices.ResendInterval,
+		MaxAttempts:    cfg.Devices.MaxAttempts,
+		AddressSends:   cfg.Devices.AddressSends,
+		AddressWindow:  cfg.Devices.AddressWindow,
+		MaxIterations:  cfg.Devices.MaxIterations,
+		Templates:      tmpl,
+		Logger:         env.Logger,
+	})
+	if err != nil {
+		return deviceSet{}, err
+	}
+	if env.Mux != nil {
+		env.Mux.Handle("/devices/", d.Handler())
+	}
+	return deviceSet{Devices: d, env: env}, nil
+}
