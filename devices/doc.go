@@ -127,11 +127,27 @@
 // # Trust in the control database
 //
 // The handlers trust the fields docstate writes (code_hash, failed_attempts,
-// code_expires …). A device that may write its own document could reset
-// failed_attempts or extend code_expires. The control database must
-// therefore refuse such writes from non-admins, e.g. with a
-// validate_doc_update function, or be writable only through a proxy. This
-// package does not install one yet.
+// code_expires …), so devices must not be able to write them. InstallValidation
+// puts a validate_doc_update function into the control database (the daemon
+// calls it at every start): non-admins may create a "new" device document
+// with only the request fields, and afterwards change only confirm_attempt
+// and resend_requested (in confirming) and revoke_requested (in active);
+// everything else must stay as it is, deletes and other document types are
+// refused, and the reason names the field. The daemon writes as a server
+// admin, which the function lets through.
+//
+// A validation function checks a replicated revision against its stored
+// parent, not the current winner: on CouchDB 3 a device could replicate in a
+// longer branch forked from an older confirming revision with fewer failed
+// attempts. The confirming handler therefore reads the document's
+// conflicting revisions, keeps the highest failed_attempts of all branches
+// and deletes the losing ones before it checks anything.
+//
+// PouchDB Server differs in two ways: it runs the function before checking
+// _rev, so a device's write on a stale revision gets 403 instead of 409
+// (re-read and retry on either), and once any validation function is
+// installed it drops replicated updates of existing documents (new_edits=
+// false), so devices that replicate their updates need CouchDB.
 //
 // # Confirmation link
 //

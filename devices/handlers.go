@@ -8,6 +8,9 @@ import (
 	"strings"
 	"time"
 
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
 )
 
@@ -200,6 +203,23 @@ func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (work
 	}
 
 	var c changes
+	most, err := d.branchFailures(ctx, doc.ID)
+	if err != nil {
+		return workflow.Result{}, err
+	}
+	if most > st.failed {
+		// A conflicting branch counted more wrong codes than the winner:
+		// keep the higher count, since the losing branches are gone now.
+		st.failed = most
+		c.Set(FieldFailedAttempts, most)
+		if st.failed >= d.opts.MaxAttempts {
+			d.log.Warn("device locked: a conflicting revision had used up the attempts", "id", doc.ID, "attempts", st.failed)
+			return unset(workflow.Transition(StateLocked).
+				Set(FieldFailedAttempts, st.failed).
+				Set(FieldReason, fmt.Sprintf("locked after %d wrong confirmation attempts", st.failed)),
+				append(codeFields(), inputFields()...)...), nil
+		}
+	}
 	if doc.Has(FieldConfirmAttempt) || doc.Has(FieldConfirmLink) {
 		d.verifications.Add(1)
 		why := d.check(doc, st)
@@ -242,6 +262,40 @@ func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (work
 		}
 	}
 	return c.apply(workflow.Stay()).WakeAt(wake), nil
+}
+
+// branchFailures returns the highest failed_attempts among the document's
+// conflicting revisions and deletes them. A revision replicated in on a
+// side branch is validated against its stored parent, not the current
+// winner, so a branch forked from an older confirming revision can carry a
+// lower count and win (CouchDB 3). Taking the highest count over all
+// branches keeps the attempt limit; deleting the losers keeps it from
+// being replayed.
+func (d *Devices) branchFailures(ctx context.Context, id string) (int, error) {
+	var cur struct {
+		Conflicts []string `json:"_conflicts"`
+	}
+	if err := d.opts.DB.Get(ctx, id, kivik.Param("conflicts", true)).ScanDoc(&cur); err != nil {
+		return 0, fmt.Errorf("read conflicting revisions: %w", err)
+	}
+	most := 0
+	for _, rev := range cur.Conflicts {
+		var branch struct {
+			Failed *float64 `json:"failed_attempts"`
+		}
+		err := d.opts.DB.Get(ctx, id, kivik.Rev(rev)).ScanDoc(&branch)
+		if err != nil && !couch.IsNotFound(err) {
+			return 0, fmt.Errorf("read conflicting revision %s: %w", rev, err)
+		}
+		if branch.Failed != nil && int(*branch.Failed) > most {
+			most = int(*branch.Failed)
+		}
+		if _, err := d.opts.DB.Delete(ctx, id, rev); err != nil && !couch.IsNotFound(err) && !couch.IsConflict(err) {
+			return 0, fmt.Errorf("delete conflicting revision %s: %w", rev, err)
+		}
+		d.log.Warn("deleted a conflicting revision of a device in confirmation", "id", id, "rev", rev)
+	}
+	return most, nil
 }
 
 // check returns "" when the attempt proves the code, else why not. Both

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	kivik "github.com/go-kivik/kivik/v4"
+
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow"
@@ -400,4 +402,72 @@ func TestConcurrentAttemptsCannotExceedLimit(t *testing.T) {
 		t.Fatalf("failed_attempts %v, want %d", d[FieldFailedAttempts], limit)
 	}
 	t.Logf("%d guesses written by 6 attackers, %d checked, device locked", written.Load(), f.devs.verifications.Load())
+}
+
+// A device that replicates in a side branch forked from an older confirming
+// revision (failed_attempts 0) and longer than the current one, so that it
+// wins, must not get a fresh set of attempts.
+func TestConflictingBranchCannotResetAttempts(t *testing.T) {
+	t.Parallel()
+	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.MaxAttempts = 3 })
+	f.start(t, nil)
+	dv := newDevice(t, "dev-branch", "branch@example.test")
+	put(t, f.db, dv.doc())
+	fork := waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
+	code := codeIn(t, readBody(t, mock.WaitReceived(t, 1, 10*time.Second)[0]))
+	wrong := fmt.Sprintf("%08d", (atoi(code)+1)%100_000_000)
+	for i := 1; i <= 2; i++ {
+		settled(t, f.db, dv.id)
+		update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
+		eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
+			d := get(t, f.db, dv.id)
+			return d[FieldFailedAttempts] == float64(i), mustJSON(d)
+		})
+	}
+	settled(t, f.db, dv.id)
+
+	// The side branch: the fork point's body (no failed attempts), three
+	// revisions longer than the current winner, written as replication does.
+	cur := get(t, f.db, dv.id)
+	forkRev := fork["_rev"].(string)
+	forkGen, forkHash, _ := strings.Cut(forkRev, "-")
+	curGen, _, _ := strings.Cut(cur["_rev"].(string), "-")
+	start := atoi(curGen) + 3
+	ids := []string{}
+	for g := start; g > atoi(forkGen); g-- {
+		ids = append(ids, randomHex(t, 16))
+	}
+	ids = append(ids, forkHash)
+	branch := map[string]any{}
+	for k, v := range fork {
+		branch[k] = v
+	}
+	branch["_rev"] = fmt.Sprintf("%d-%s", start, ids[0])
+	branch["_revisions"] = map[string]any{"start": start, "ids": ids}
+	res, err := f.db.BulkDocs(context.Background(), []any{branch}, kivik.Param("new_edits", false))
+	if err != nil || (len(res) > 0 && res[0].Error != nil) {
+		t.Fatalf("replicate side branch: %v %+v", err, res)
+	}
+	eventually(t, 10*time.Second, "branch wins", func() (bool, string) {
+		d := get(t, f.db, dv.id)
+		return d["_rev"] == branch["_rev"] || d[FieldFailedAttempts] == float64(2), mustJSON(d)
+	})
+	// One more wrong code is the third: locked, not "attempt 1 of 3".
+	eventually(t, 10*time.Second, "winner carries the highest count", func() (bool, string) {
+		d := get(t, f.db, dv.id)
+		return d[FieldFailedAttempts] == float64(2), mustJSON(d)
+	})
+	settled(t, f.db, dv.id)
+	update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
+	d := waitState(t, f.db, dv.id, StateLocked, 10*time.Second)
+	if d[FieldFailedAttempts] != float64(3) {
+		t.Fatalf("locked doc: %s", mustJSON(d))
+	}
+	var conflicts struct {
+		Conflicts []string `json:"_conflicts"`
+	}
+	if err := f.db.Get(context.Background(), dv.id, kivik.Param("conflicts", true)).ScanDoc(&conflicts); err != nil || len(conflicts.Conflicts) != 0 {
+		t.Fatalf("conflicting revisions left: %v %v", conflicts.Conflicts, err)
+	}
 }
