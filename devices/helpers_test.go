@@ -26,6 +26,7 @@ import (
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 func TestMain(m *testing.M) { couchtest.Main(m) }
@@ -115,21 +116,6 @@ func waitState(t testing.TB, db *kivik.DB, id, state string, timeout time.Durati
 	return nil
 }
 
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var last string
-	for time.Now().Before(deadline) {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		last = msg
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("%s: not reached within %v: %s", what, timeout, last)
-}
-
 func mustJSON(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
@@ -213,60 +199,22 @@ func newFixture(t testing.TB, mailer Mailer, mod func(*Options)) fixture {
 	return fixture{db: db, devs: devs, logs: logs}
 }
 
-type running struct {
-	cancel context.CancelFunc
-	done   chan error
-	once   sync.Once
-	eng    *workflow.Engine
-}
-
-func engineOptions(logger *slog.Logger) workflow.Options {
-	return workflow.Options{
-		Workers: 8, HandlerTimeout: 5 * time.Second, Lease: 10 * time.Second,
-		RetryBase: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
-		FeedTimeout: 2 * time.Second, FeedRetryMin: 50 * time.Millisecond, FeedRetryMax: 500 * time.Millisecond,
-		CheckpointInterval: 100 * time.Millisecond, ResyncInterval: 300 * time.Millisecond,
-		DrainTimeout: 5 * time.Second, Logger: logger,
-	}
-}
-
-// start runs an engine with the device handlers until the test ends or stop.
-func (f fixture) start(t testing.TB, mod func(*workflow.Options)) *running {
+// start runs an engine with the device handlers until the test ends or
+// Stop. Its log goes to the fixture's buffer, which tests scan for secrets.
+func (f fixture) start(t testing.TB, mod func(*workflow.Options)) *workflowtest.Running {
 	t.Helper()
 	reg := workflow.NewRegistry()
 	if err := f.devs.Register(reg); err != nil {
 		t.Fatal(err)
 	}
-	opts := engineOptions(f.devs.log)
+	opts := workflowtest.Options(t)
+	opts.Logger = f.devs.log
 	if mod != nil {
 		mod(&opts)
 	}
-	eng, err := workflow.New(f.db, reg, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{cancel: cancel, done: make(chan error, 1), eng: eng}
-	go func() { r.done <- eng.Run(ctx) }()
-	t.Cleanup(func() { r.stop(t) })
-	return r
+	return workflowtest.Start(t, f.db, reg, opts)
 }
 
-func (r *running) stop(t testing.TB) {
-	r.once.Do(func() {
-		r.cancel()
-		select {
-		case err := <-r.done:
-			if err != nil {
-				t.Errorf("engine Run: %v", err)
-			}
-		case <-time.After(60 * time.Second):
-			t.Error("engine did not stop within 60s")
-		}
-	})
-}
-
-// basicAuthStatus GETs path on the test server as user:password.
 func basicAuthStatus(t testing.TB, path, user, password string) int {
 	t.Helper()
 	opts := couchtest.Options(t)
@@ -378,7 +326,7 @@ func readBody(t testing.TB, m *mail.Message) string {
 func settled(t testing.TB, db *kivik.DB, id string) any {
 	t.Helper()
 	var rev any
-	eventually(t, 10*time.Second, id+" settled", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, id+" settled", func() (bool, string) {
 		doc := get(t, db, id)
 		meta, _ := doc["docstate"].(map[string]any)
 		rev = doc["_rev"]

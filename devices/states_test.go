@@ -15,6 +15,7 @@ import (
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 func meta(doc map[string]any) map[string]any {
@@ -37,7 +38,7 @@ func TestThreeEnginesTwoHundredDevicesTwoHundredMails(t *testing.T) {
 	for range 3 {
 		f.start(t, nil)
 	}
-	eventually(t, 120*time.Second, "all confirming", func() (bool, string) {
+	workflowtest.Eventually(t, 120*time.Second, "all confirming", func() (bool, string) {
 		c := 0
 		for i := range n {
 			if get(t, f.db, fmt.Sprintf("dev-%03d", i))["state"] == StateConfirming {
@@ -91,8 +92,8 @@ func TestKilledBetweenSendAndRecord(t *testing.T) {
 	dv := newDevice(t, "dev-crash", "crash@example.test")
 	put(t, f.db, dv.doc())
 	eng := f.start(t, func(o *workflow.Options) { o.DrainTimeout = time.Millisecond })
-	eventually(t, 20*time.Second, "mail sent", func() (bool, string) { return blocking.sent.Load() == 1, "" })
-	eng.stop(t) // hard stop: the handler is cut off before its result is written
+	workflowtest.Eventually(t, 20*time.Second, "mail sent", func() (bool, string) { return blocking.sent.Load() == 1, "" })
+	eng.Stop(t) // hard stop: the handler is cut off before its result is written
 	doc := get(t, f.db, dv.id)
 	if doc["state"] != StateNew || meta(doc)["claim"] == nil {
 		t.Fatalf("after the crash: %s", mustJSON(doc))
@@ -143,7 +144,7 @@ func TestWrongCodeTooManyAttemptsAndResendTooSoon(t *testing.T) {
 	// Resend too soon: denied with a reason, still confirming, no mail.
 	settled(t, f.db, dv.id)
 	update(t, f.db, dv.id, func(d map[string]any) { d[FieldResendRequested] = true })
-	eventually(t, 10*time.Second, "resend denied", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "resend denied", func() (bool, string) {
 		d := get(t, f.db, dv.id)
 		r, _ := d[FieldResendDenied].(string)
 		return strings.HasPrefix(r, "resend too soon") && d[FieldResendRequested] == nil, mustJSON(d)
@@ -153,7 +154,7 @@ func TestWrongCodeTooManyAttemptsAndResendTooSoon(t *testing.T) {
 	for i := 1; i <= 2; i++ {
 		settled(t, f.db, dv.id)
 		update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
-		eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
+		workflowtest.Eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
 			d := get(t, f.db, dv.id)
 			return d[FieldFailedAttempts] == float64(i) && d[FieldConfirmAttempt] == nil, mustJSON(d)
 		})
@@ -208,14 +209,14 @@ func TestExpiredCodeAndResendAllowed(t *testing.T) {
 		t.Fatalf("resend: %d mails", len(mails))
 	}
 	fresh := codeIn(t, readBody(t, mails[1]))
-	eventually(t, 10*time.Second, "resend recorded", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "resend recorded", func() (bool, string) {
 		d := get(t, f.db, dv.id)
 		return d[FieldSends] == float64(2) && d[FieldResendRequested] == nil, mustJSON(d)
 	})
 	if old != fresh {
 		settled(t, f.db, dv.id)
 		update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = old })
-		eventually(t, 10*time.Second, "old code refused", func() (bool, string) {
+		workflowtest.Eventually(t, 10*time.Second, "old code refused", func() (bool, string) {
 			d := get(t, f.db, dv.id)
 			return d[FieldFailedAttempts] == float64(1), mustJSON(d)
 		})
@@ -420,7 +421,7 @@ func TestConflictingBranchCannotResetAttempts(t *testing.T) {
 	for i := 1; i <= 2; i++ {
 		settled(t, f.db, dv.id)
 		update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
-		eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
+		workflowtest.Eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
 			d := get(t, f.db, dv.id)
 			return d[FieldFailedAttempts] == float64(i), mustJSON(d)
 		})
@@ -449,12 +450,12 @@ func TestConflictingBranchCannotResetAttempts(t *testing.T) {
 	if err != nil || (len(res) > 0 && res[0].Error != nil) {
 		t.Fatalf("replicate side branch: %v %+v", err, res)
 	}
-	eventually(t, 10*time.Second, "branch wins", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "branch wins", func() (bool, string) {
 		d := get(t, f.db, dv.id)
 		return d["_rev"] == branch["_rev"] || d[FieldFailedAttempts] == float64(2), mustJSON(d)
 	})
 	// One more wrong code is the third: locked, not "attempt 1 of 3".
-	eventually(t, 10*time.Second, "winner carries the highest count", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "winner carries the highest count", func() (bool, string) {
 		d := get(t, f.db, dv.id)
 		return d[FieldFailedAttempts] == float64(2), mustJSON(d)
 	})

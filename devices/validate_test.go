@@ -16,6 +16,7 @@ import (
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
+	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 // vduUser creates a _users entry (as admin) and returns a basic-auth
@@ -622,7 +623,7 @@ func TestFullLoopWithValidation(t *testing.T) {
 		wrong = "11111111"
 	}
 	vduDeviceUpdate(t, asDevice, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
-	eventually(t, 10*time.Second, "wrong attempt counted", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "wrong attempt counted", func() (bool, string) {
 		doc := get(t, f.db, dv.id)
 		return doc[FieldFailedAttempts] == 1.0 && doc[FieldConfirmAttempt] == nil, mustJSON(doc)
 	})

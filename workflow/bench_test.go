@@ -12,6 +12,7 @@ import (
 
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 // BenchmarkTransitions measures one-step transitions per second through the
@@ -88,7 +89,7 @@ func engineRate(b *testing.B, db *kivik.DB, n, c int, mode workflow.Mode) float6
 		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 			return workflow.Transition("done"), nil
 		})})
-	opts := testOptions(b)
+	opts := workflowtest.Options(b)
 	opts.Workers = c
 	if l := os.Getenv("BENCH_LINGER"); l != "" {
 		opts.FeedLinger, _ = time.ParseDuration(l)
@@ -99,7 +100,7 @@ func engineRate(b *testing.B, db *kivik.DB, n, c int, mode workflow.Mode) float6
 	opts.NoStartScan = true // the feed delivers every document; the scan would only add reads
 	b.ResetTimer()
 	startAt := time.Now()
-	eng := start(b, db, reg, opts)
+	eng := workflowtest.Start(b, db, reg, opts)
 	deadline := time.Now().Add(10 * time.Minute)
 	for eng.Stats().Transitions < int64(n) {
 		if time.Now().After(deadline) {
@@ -109,6 +110,6 @@ func engineRate(b *testing.B, db *kivik.DB, n, c int, mode workflow.Mode) float6
 	}
 	elapsed := time.Since(startAt)
 	b.StopTimer()
-	eng.stop(b)
+	eng.Stop(b)
 	return float64(n) / elapsed.Seconds()
 }

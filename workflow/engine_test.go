@@ -11,6 +11,7 @@ import (
 
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 func oneStep(runs *counter, to string) workflow.Handler {
@@ -27,16 +28,16 @@ func TestThousandDocsReachDoneAndCheckpointPreventsReplay(t *testing.T) {
 	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(runs, "done")})
 
 	ids := putDocs(t, db, "job", 1000, "job", "new", map[string]any{"payload": "x"})
-	eng := start(t, db, reg, testOptions(t))
-	eventually(t, 60*time.Second, "1000 docs done", func() (bool, string) {
+	eng := workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 60*time.Second, "1000 docs done", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 1000, fmt.Sprint(st)
 	})
-	eventually(t, 10*time.Second, "checkpoint caught up", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "checkpoint caught up", func() (bool, string) {
 		s := eng.Stats()
 		return s.Pending == 0, fmt.Sprintf("pending %d", s.Pending)
 	})
-	eng.stop(t)
+	eng.Stop(t)
 	if n := runs.total(); n < 1000 {
 		t.Fatalf("%d handler runs for 1000 docs", n)
 	}
@@ -47,9 +48,9 @@ func TestThousandDocsReachDoneAndCheckpointPreventsReplay(t *testing.T) {
 
 	// A second engine from the saved checkpoint dispatches none of them.
 	before := runs.total()
-	eng2 := start(t, db, reg, testOptions(t))
+	eng2 := workflowtest.Start(t, db, reg, workflowtest.Options(t))
 	time.Sleep(1500 * time.Millisecond)
-	eng2.stop(t)
+	eng2.Stop(t)
 	if after := runs.total(); after != before {
 		t.Fatalf("second run dispatched %d handler runs again", after-before)
 	}
@@ -74,11 +75,11 @@ func TestThreeEnginesRunEachUnsafeDocExactlyOnce(t *testing.T) {
 
 	const n = 300
 	ids := putDocs(t, db, "mail", n, "mail", "new", nil)
-	var engines []*running
+	var engines []*workflowtest.Running
 	for range 3 {
-		engines = append(engines, start(t, db, reg, testOptions(t)))
+		engines = append(engines, workflowtest.Start(t, db, reg, workflowtest.Options(t)))
 	}
-	eventually(t, 90*time.Second, "all sent", func() (bool, string) {
+	workflowtest.Eventually(t, 90*time.Second, "all sent", func() (bool, string) {
 		st := states(t, db)
 		return st["sent"] == n, fmt.Sprint(st)
 	})
@@ -130,14 +131,14 @@ func TestKilledEngineLosesNothingAndExpiredClaimsFollowPolicy(t *testing.T) {
 	putDocs(t, db, "f", 4, "failfast", "new", nil)
 	putDocs(t, db, "s", 200, "safe", "new", nil)
 
-	opts := testOptions(t)
+	opts := workflowtest.Options(t)
 	opts.DrainTimeout = time.Millisecond // a hard stop: running handlers are cut off
-	eng := start(t, db, reg, opts)
-	eventually(t, 30*time.Second, "unsafe docs claimed", func() (bool, string) {
+	eng := workflowtest.Start(t, db, reg, opts)
+	workflowtest.Eventually(t, 30*time.Second, "unsafe docs claimed", func() (bool, string) {
 		s := eng.Stats()
 		return s.ClaimsWon == 8, fmt.Sprintf("claims %d", s.ClaimsWon)
 	})
-	eng.stop(t)
+	eng.Stop(t)
 
 	// The claims are left in the documents, as after a crash.
 	for _, id := range []string{"r-00000", "f-00000"} {
@@ -146,12 +147,12 @@ func TestKilledEngineLosesNothingAndExpiredClaimsFollowPolicy(t *testing.T) {
 		}
 	}
 	firstRunBlocks.Store(false)
-	eng2 := start(t, db, reg, testOptions(t))
-	eventually(t, 60*time.Second, "every doc terminal", func() (bool, string) {
+	eng2 := workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 60*time.Second, "every doc terminal", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 204 && st["error"] == 4, fmt.Sprint(st)
 	})
-	eng2.stop(t)
+	eng2.Stop(t)
 	for i := range 4 {
 		r := get(t, db, fmt.Sprintf("r-%05d", i))
 		if r.Fields["takeover"] != true || r.Fields["key"] != fmt.Sprintf("r-%05d/new/1", i) {
@@ -192,17 +193,17 @@ func TestEngineSurvivesServerKillAndRestart(t *testing.T) {
 			return workflow.Transition("done"), nil
 		})})
 	putDocs(t, db, "job", 300, "job", "new", nil)
-	opts := testOptions(t)
+	opts := workflowtest.Options(t)
 	opts.Workers = 2
-	eng := start(t, db, reg, opts)
-	eventually(t, 30*time.Second, "some progress", func() (bool, string) {
+	eng := workflowtest.Start(t, db, reg, opts)
+	workflowtest.Eventually(t, 30*time.Second, "some progress", func() (bool, string) {
 		return eng.Stats().Transitions >= 20, ""
 	})
 	srv.Kill(t)
 	time.Sleep(500 * time.Millisecond)
 	slow.Store(false)
 	srv.Start(t)
-	eventually(t, 90*time.Second, "all done after the restart", func() (bool, string) {
+	workflowtest.Eventually(t, 90*time.Second, "all done after the restart", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 300, fmt.Sprint(st)
 	})
@@ -237,11 +238,11 @@ func TestMalformedDocumentsNeverStopTheEngine(t *testing.T) {
 			t.Fatalf("put %s: %v", id, err)
 		}
 	}
-	eng := start(t, db, reg, testOptions(t))
-	eventually(t, 30*time.Second, "valid docs done", func() (bool, string) {
+	eng := workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 30*time.Second, "valid docs done", func() (bool, string) {
 		return get(t, db, "ok").State == "done" && get(t, db, "big").State == "done", ""
 	})
-	eventually(t, 10*time.Second, "invalid reasons recorded", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "invalid reasons recorded", func() (bool, string) {
 		for id, want := range map[string]string{
 			"state-number":  "state must be a string, got a number",
 			"state-array":   "state must be a string, got an array",
@@ -277,7 +278,7 @@ func TestMalformedDocumentsNeverStopTheEngine(t *testing.T) {
 	if _, err := db.Put(ctx, "state-number", d.Fields); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "fixed doc done", func() (bool, string) {
+	workflowtest.Eventually(t, 10*time.Second, "fixed doc done", func() (bool, string) {
 		d := get(t, db, "state-number")
 		return d.State == "done" && d.Meta != nil && d.Meta.Invalid == "", mustJSON(d.Fields)
 	})
@@ -324,8 +325,8 @@ func TestRetriesBackoffAndErrorState(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	start(t, db, reg, testOptions(t))
-	eventually(t, 30*time.Second, "all terminal", func() (bool, string) {
+	workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 30*time.Second, "all terminal", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 1 && st["error"] == 4 && st["rejected"] == 1, fmt.Sprint(st)
 	})
@@ -371,8 +372,8 @@ func TestWakeAtRunsAgainWithoutAChangeAndStayDoesNotLoop(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	start(t, db, reg, testOptions(t))
-	eventually(t, 20*time.Second, "timer expired", func() (bool, string) {
+	workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 20*time.Second, "timer expired", func() (bool, string) {
 		d := get(t, db, "t1")
 		return d.State == "expired", mustJSON(d.Fields)
 	})
@@ -388,8 +389,8 @@ func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
 	reg := workflow.NewRegistry()
 	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(runs, "done")})
 	putDocs(t, db, "a", 50, "job", "new", nil)
-	eng := start(t, db, reg, testOptions(t))
-	eventually(t, 30*time.Second, "first batch done", func() (bool, string) {
+	eng := workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 30*time.Second, "first batch done", func() (bool, string) {
 		return states(t, db)["done"] == 50, ""
 	})
 	ctx := context.Background()
@@ -403,7 +404,7 @@ func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
 	// Fewer docs than before: a feed still at the old seq would wait for
 	// them forever.
 	putDocs(t, db, "b", 5, "job", "new", nil)
-	eventually(t, 30*time.Second, "docs in the new database done", func() (bool, string) {
+	workflowtest.Eventually(t, 30*time.Second, "docs in the new database done", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 5, fmt.Sprint(st, eng.Stats().FeedResets)
 	})
@@ -416,7 +417,7 @@ func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
 	db := couchtest.NewDB(t, couchtest.Client(t))
 	ctx := context.Background()
 	entered := make(chan struct{}, 10)
-	release := make(chan struct{})
+	release := make(chan struct{}, 1)
 	var first atomic.Bool
 	first.Store(true)
 	checked := newCounter()
@@ -425,20 +426,21 @@ func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
 	reg.MustRegister(workflow.Spec{Type: "box", State: "open", Mode: workflow.Unsafe,
 		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 			var attempt string
-			if ok, _ := doc.Field("attempt", &attempt); !ok {
-				return workflow.Stay(), nil
-			}
-			checked.inc(attempt)
+			ok, _ := doc.Field("attempt", &attempt)
 			if first.CompareAndSwap(true, false) {
 				entered <- struct{}{}
 				<-release
 			}
+			if !ok || attempt == "" {
+				return workflow.Stay().Set("looked", true), nil
+			}
+			checked.inc(attempt)
 			return workflow.Stay().Unset("attempt").Set("last_checked", attempt), nil
 		})})
 	if _, err := db.Put(ctx, "b", map[string]any{"type": "box", "state": "open", "attempt": "one"}); err != nil {
 		t.Fatal(err)
 	}
-	start(t, db, reg, testOptions(t))
+	workflowtest.Start(t, db, reg, workflowtest.Options(t))
 	<-entered
 	// The device writes a second attempt while the first is being checked.
 	d := get(t, db, "b")
@@ -446,8 +448,8 @@ func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
 	if _, err := db.Put(ctx, "b", d.Fields); err != nil {
 		t.Fatal(err)
 	}
-	close(release)
-	eventually(t, 20*time.Second, "second attempt checked", func() (bool, string) {
+	release <- struct{}{}
+	workflowtest.Eventually(t, 20*time.Second, "second attempt checked", func() (bool, string) {
 		d := get(t, db, "b")
 		_, pending := d.Fields["attempt"]
 		return d.Fields["last_checked"] == "two" && !pending, mustJSON(d.Fields)
@@ -455,4 +457,23 @@ func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
 	if checked.get("one") != 1 || checked.get("two") != 1 {
 		t.Fatalf("checks: one=%d two=%d, want each once", checked.get("one"), checked.get("two"))
 	}
+
+	// A run that saw no attempt and touches no field of it: an attempt
+	// written meanwhile must still be checked, not hidden by the merge.
+	first.Store(true)
+	if _, err := db.Put(ctx, "c", map[string]any{"type": "box", "state": "open", "attempt": "", "note": 1}); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	d = get(t, db, "c")
+	d.Fields["attempt"] = "three"
+	if _, err := db.Put(ctx, "c", d.Fields); err != nil {
+		t.Fatal(err)
+	}
+	release <- struct{}{}
+	workflowtest.Eventually(t, 20*time.Second, "attempt written during an unrelated run checked", func() (bool, string) {
+		d := get(t, db, "c")
+		_, pending := d.Fields["attempt"]
+		return d.Fields["last_checked"] == "three" && !pending, mustJSON(d.Fields)
+	})
 }

@@ -4,12 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
 	"sync"
 	"testing"
-	"time"
 
 	kivik "github.com/go-kivik/kivik/v4"
 
@@ -18,76 +14,6 @@ import (
 )
 
 func TestMain(m *testing.M) { couchtest.Main(m) }
-
-// testOptions are engine options with the intervals shortened for tests.
-func testOptions(t testing.TB) workflow.Options {
-	return workflow.Options{
-		Workers:            8,
-		HandlerTimeout:     5 * time.Second,
-		Lease:              10 * time.Second,
-		RetryBase:          50 * time.Millisecond,
-		RetryMax:           200 * time.Millisecond,
-		FeedTimeout:        2 * time.Second,
-		FeedRetryMin:       50 * time.Millisecond,
-		FeedRetryMax:       500 * time.Millisecond,
-		CheckpointInterval: 100 * time.Millisecond,
-		ResyncInterval:     500 * time.Millisecond,
-		DrainTimeout:       5 * time.Second,
-		Logger:             testLogger(t),
-	}
-}
-
-// testLogger shows warnings in the test output, or everything with
-// DOCSTATE_TEST_LOG=debug.
-func testLogger(t testing.TB) *slog.Logger {
-	level := slog.LevelWarn
-	if os.Getenv("DOCSTATE_TEST_LOG") == "debug" {
-		level = slog.LevelDebug
-	}
-	var w io.Writer = t.Output()
-	if testing.Verbose() || level == slog.LevelDebug {
-		return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelError}))
-}
-
-// running is an engine running in the background of a test.
-type running struct {
-	*workflow.Engine
-	cancel context.CancelFunc
-	done   chan error
-	once   sync.Once
-}
-
-// start runs an engine until the test ends or stop is called.
-func start(t testing.TB, db *kivik.DB, reg *workflow.Registry, opts workflow.Options) *running {
-	t.Helper()
-	eng, err := workflow.New(db, reg, opts)
-	if err != nil {
-		t.Fatalf("workflow.New: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{Engine: eng, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- eng.Run(ctx) }()
-	t.Cleanup(func() { r.stop(t) })
-	return r
-}
-
-// stop cancels the engine and waits for Run to return. It may be called
-// more than once.
-func (r *running) stop(t testing.TB) {
-	r.once.Do(func() {
-		r.cancel()
-		select {
-		case err := <-r.done:
-			if err != nil {
-				t.Errorf("engine Run: %v", err)
-			}
-		case <-time.After(60 * time.Second):
-			t.Error("engine did not stop within 60s")
-		}
-	})
-}
 
 // putDocs writes n documents {type, state} with ids prefix-0000…
 func putDocs(t testing.TB, db *kivik.DB, prefix string, n int, typ, state string, extra map[string]any) []string {
@@ -163,22 +89,6 @@ func states(t testing.TB, db *kivik.DB) map[string]int {
 		t.Fatalf("all docs: %v", err)
 	}
 	return out
-}
-
-// eventually polls cond until it holds or the timeout passes.
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var last string
-	for time.Now().Before(deadline) {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		last = msg
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("%s: not reached within %v: %s", what, timeout, last)
 }
 
 // counter counts handler executions per document id.

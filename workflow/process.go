@@ -243,9 +243,9 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 		// say). The handler decided on what it saw: fields it touches that
 		// changed since are left as the other writer made them, and the
 		// document is not marked settled, so the handler runs again and
-		// sees them.
+		// sees the newer revision, whatever changed in it.
 		if herr == nil {
-			res = res.without(changedFields(seen, fresh.fields, res.touched()))
+			res = res.mergedOnto(changedFields(seen, fresh.fields, res.touched()))
 		}
 		doc, meta = fresh, fresh.meta.forState(fresh.State)
 	}

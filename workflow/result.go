@@ -68,13 +68,17 @@ func (r Result) touched() []string {
 	return append(out, r.unset...)
 }
 
-// without returns r with the changes to fields dropped and unsettled set.
-func (r Result) without(fields []string) Result {
-	if len(fields) == 0 {
+// mergedOnto returns r for writing onto a revision someone else wrote
+// while the handler ran: changes to the fields in changed (which that
+// writer touched) are dropped, and the result is unsettled, since the
+// handler has not seen that revision.
+func (r Result) mergedOnto(changed []string) Result {
+	r.unsettled = true
+	if len(changed) == 0 {
 		return r
 	}
-	drop := make(map[string]bool, len(fields))
-	for _, f := range fields {
+	drop := make(map[string]bool, len(changed))
+	for _, f := range changed {
 		drop[f] = true
 	}
 	set := make(map[string]any, len(r.set))
@@ -89,7 +93,7 @@ func (r Result) without(fields []string) Result {
 			unset = append(unset, k)
 		}
 	}
-	r.set, r.unset, r.unsettled = set, unset, true
+	r.set, r.unset = set, unset
 	return r
 }
 
