@@ -101,31 +101,37 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 		"include_docs": true,
 	}))
 	defer rows.Close()
+	// Range over Iterator rather than calling rows.ScanDoc: ScanDoc reads
+	// the iterator's state without its lock, which races with kivik
+	// closing the iterator when the request context is cancelled (a reset,
+	// the deadline, shutdown). Iterator hands out a copy of each row.
 	last, n := since, 0
-	for rows.Next() {
+	var err error
+	for ch, iterErr := range rows.Iterator() {
+		if iterErr != nil {
+			err = iterErr
+			break
+		}
 		n++
 		e.stats.changes.Add(1)
-		seq := rows.Seq()
-		tok := e.tr.add(seq)
-		last = seq
-		id := rows.ID()
-		if rows.Deleted() {
+		tok := e.tr.add(ch.Seq)
+		last = ch.Seq
+		if ch.Deleted {
 			e.tr.done([]token{tok})
 			continue
 		}
 		var doc jsonDoc
-		if err := rows.ScanDoc(&doc); err != nil || len(doc) == 0 {
+		if scanErr := ch.ScanDoc(&doc); scanErr != nil || len(doc) == 0 {
 			// No body: the worker reads the document itself.
-			e.q.add(id, nil, 0, tok)
+			e.q.add(ch.ID, nil, 0, tok)
 			continue
 		}
 		gen := 0
-		if revs := rows.Changes(); len(revs) > 0 {
-			gen = revGeneration(revs[0])
+		if len(ch.Changes) > 0 {
+			gen = revGeneration(ch.Changes[0])
 		}
-		e.q.add(id, []byte(doc), gen, tok)
+		e.q.add(ch.ID, []byte(doc), gen, tok)
 	}
-	err := rows.Err()
 	select {
 	case <-reset:
 		return last, n, errFeedReset

@@ -80,19 +80,24 @@ func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error)
 			"sort":     []map[string]string{{"_id": "asc"}},
 			"limit":    scanPage,
 		})
+		// Iterator, not rows.ScanDoc: see poll for the race it avoids.
 		n := 0
-		for rows.Next() {
+		var err error
+		for row, rowErr := range rows.Iterator() {
+			if rowErr != nil {
+				err = rowErr
+				break
+			}
 			var d struct {
 				ID string `json:"_id"`
 			}
-			if err := rows.ScanDoc(&d); err != nil || d.ID == "" {
+			if row.ScanDoc(&d) != nil || d.ID == "" {
 				continue
 			}
 			e.q.add(d.ID, nil, 0)
 			last = d.ID
 			n++
 		}
-		err := rows.Err()
 		_ = rows.Close()
 		total += n
 		e.stats.resyncQueued.Add(int64(n))
