@@ -170,6 +170,7 @@ func (e *Engine) saveCheckpoints(ctx context.Context) {
 			if err == nil {
 				e.stats.checkpoints.Add(1)
 				lastCheck = time.Now()
+				e.checkpointSaved.Store(lastCheck.UnixNano())
 			}
 		} else if time.Since(lastCheck) >= e.opts.ResyncInterval {
 			err = e.cp.verify(ctx)

@@ -69,6 +69,19 @@ type Options struct {
 
 	// Logger receives the engine's logs. Default slog.Default().
 	Logger *slog.Logger
+	// OnRun, when set, is called after every handler run, for metrics. It
+	// must be fast and must not block: it runs on the worker.
+	OnRun func(RunInfo)
+}
+
+// RunInfo describes one handler run. It holds no document id, so metrics
+// built from it have bounded labels.
+type RunInfo struct {
+	Type, State string
+	Mode        Mode
+	// Result is "ok", "error" (retried), "terminal", "panic" or "timeout".
+	Result   string
+	Duration time.Duration
 }
 
 func (o *Options) setDefaults() error {
@@ -154,6 +167,8 @@ type Engine struct {
 	// feedContact is when the server last answered a feed request (unix
 	// nanoseconds), for readiness.
 	feedContact atomic.Int64
+	// checkpointSaved is when the checkpoint was last written (unix ns).
+	checkpointSaved atomic.Int64
 }
 
 // New returns an engine for db running reg's handlers. Spec fields left zero
@@ -327,7 +342,11 @@ type Stats struct {
 	ResyncQueued     int64 // ids queued by scans
 	Inflight         int64 // handler runs in progress now
 	Queued           int64 // ids waiting for a worker now
+	Delayed          int64 // ids waiting for a timer (retries, wake-ups, claim expiries) now
 	Pending          int64 // changes received and not yet checkpointed now
+
+	CheckpointSaved time.Time // when the checkpoint was last written (zero: not yet)
+	FeedContact     time.Time // when the server last answered a feed request (zero: not yet)
 }
 
 type counters struct {
@@ -353,6 +372,13 @@ func (e *Engine) Stats() Stats {
 		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
 	}
 	s.Pending = int64(e.tr.pending())
+	s.Delayed = int64(e.q.delayedLen())
+	if t := e.checkpointSaved.Load(); t != 0 {
+		s.CheckpointSaved = time.Unix(0, t)
+	}
+	if t := e.feedContact.Load(); t != 0 {
+		s.FeedContact = time.Unix(0, t)
+	}
 	return s
 }
 

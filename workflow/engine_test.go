@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -482,5 +483,35 @@ func TestUnsafeMergeKeepsFieldsWrittenDuringTheRun(t *testing.T) {
 		d := get(t, db, "c")
 		_, pending := d.Fields["attempt"]
 		return d.Fields["last_checked"] == "three" && !pending, mustJSON(d.Fields)
+	})
+}
+
+func TestOnRunReportsEveryRunWithBoundedLabels(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
+	reg.MustRegister(workflow.Spec{Type: "bad", State: "new", Mode: workflow.Unsafe, MaxAttempts: 1,
+		Handler: workflow.HandlerFunc(func(context.Context, *workflow.Doc) (workflow.Result, error) {
+			return workflow.Result{}, workflow.Terminal(errors.New("no"))
+		})})
+	var mu sync.Mutex
+	seen := map[string]int{}
+	opts := workflowtest.Options(t)
+	opts.OnRun = func(r workflow.RunInfo) {
+		mu.Lock()
+		seen[fmt.Sprintf("%s/%s/%s/%s", r.Type, r.State, r.Mode, r.Result)]++
+		mu.Unlock()
+	}
+	putDocs(t, db, "j", 3, "job", "new", nil)
+	putDocs(t, db, "b", 1, "bad", "new", nil)
+	eng := workflowtest.Start(t, db, reg, opts)
+	workflowtest.Eventually(t, 20*time.Second, "all runs reported", func() (bool, string) {
+		mu.Lock()
+		defer mu.Unlock()
+		return seen["job/new/safe/ok"] >= 3 && seen["bad/new/unsafe/terminal"] == 1, fmt.Sprint(seen)
+	})
+	workflowtest.Eventually(t, 10*time.Second, "checkpoint and feed times", func() (bool, string) {
+		s := eng.Stats()
+		return !s.CheckpointSaved.IsZero() && !s.FeedContact.IsZero(), fmt.Sprintf("%+v", s)
 	})
 }

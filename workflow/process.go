@@ -256,19 +256,32 @@ func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err
 	e.stats.runs.Add(1)
 	hctx, cancel := context.WithTimeout(ctx, spec.Timeout)
 	defer cancel()
+	began := time.Now()
+	result := "ok"
 	defer func() {
 		if r := recover(); r != nil {
 			e.stats.panics.Add(1)
 			e.log.Error("handler panicked", "id", doc.ID, "type", doc.Type, "state", doc.State, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
 			err = fmt.Errorf("handler panicked: %v", r)
+			result = "panic"
 		}
 		if err != nil {
 			e.stats.runErrors.Add(1)
 		}
+		if e.opts.OnRun != nil {
+			e.opts.OnRun(RunInfo{Type: doc.Type, State: doc.State, Mode: spec.Mode, Result: result, Duration: time.Since(began)})
+		}
 	}()
 	res, err = spec.Handler.Handle(hctx, doc)
-	if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+	switch {
+	case err == nil:
+	case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
 		err = fmt.Errorf("handler timed out after %v: %w", spec.Timeout, err)
+		result = "timeout"
+	case IsTerminal(err):
+		result = "terminal"
+	default:
+		result = "error"
 	}
 	return res, err
 }
