@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
 )
 
 // resyncLoop makes the engine independent of any single feed event: at
@@ -63,10 +65,18 @@ func (e *Engine) scanDue(ctx context.Context) (int, error) {
 
 const scanPage = 1000
 
-// find queues the ids matching selector, a page at a time in _id order.
-// Paging by _id rather than skip keeps each page's cost flat; Mango can sort
-// by _id without an index of ours, so nothing is created in the database.
+// find queues the ids matching selector.
 func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error) {
+	n, err := forEachID(ctx, e.db, selector, func(id string) { e.q.add(id, nil, 0) })
+	e.stats.resyncQueued.Add(int64(n))
+	return n, err
+}
+
+// forEachID calls fn with every id matching selector, a page at a time in
+// _id order. Paging by _id rather than skip keeps each page's cost flat;
+// Mango can sort by _id without an index of ours, so nothing is created in
+// the database.
+func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn func(id string)) (int, error) {
 	total, last := 0, ""
 	for {
 		sel := make(map[string]any, len(selector)+1)
@@ -74,7 +84,7 @@ func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error)
 			sel[k] = v
 		}
 		sel["_id"] = map[string]any{"$gt": last}
-		rows := e.db.Find(ctx, map[string]any{
+		rows := db.Find(ctx, map[string]any{
 			"selector": sel,
 			"fields":   []string{"_id"},
 			"sort":     []map[string]string{{"_id": "asc"}},
@@ -94,13 +104,12 @@ func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error)
 			if row.ScanDoc(&d) != nil || d.ID == "" {
 				continue
 			}
-			e.q.add(d.ID, nil, 0)
+			fn(d.ID)
 			last = d.ID
 			n++
 		}
 		_ = rows.Close()
 		total += n
-		e.stats.resyncQueued.Add(int64(n))
 		if err != nil {
 			return total, err
 		}

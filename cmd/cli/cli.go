@@ -108,7 +108,8 @@ the one before. 'docstate config keys' lists every key.`,
 	}
 	root.PersistentFlags().StringVarP(&g.configPath, "config", "c", "", "config file (YAML); default $DOCSTATE_CONFIG")
 	root.PersistentFlags().StringArrayVar(&g.sets, "set", nil, "override a config key, e.g. --set engine.workers=4 (repeatable)")
-	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newVersionCmd(), newConfigCmd(g, opts))
+	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newStatusCmd(g, opts), newRetryCmd(g, opts),
+		newReplayCmd(g, opts), newVersionCmd(), newConfigCmd(g, opts))
 	return root
 }
 
