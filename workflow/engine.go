@@ -169,6 +169,8 @@ type Engine struct {
 	feedContact atomic.Int64
 	// checkpointSaved is when the checkpoint was last written (unix ns).
 	checkpointSaved atomic.Int64
+	// feedErr is the last feed request's error, nil after a success.
+	feedErr atomic.Pointer[error]
 }
 
 // New returns an engine for db running reg's handlers. Spec fields left zero
@@ -301,12 +303,15 @@ func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
 }
 
 // Ready reports whether the engine is following its feed: nil when the
-// server answered a feed request within the longpoll timeout plus slack,
-// otherwise the reason. A daemon's readiness probe and watchdog use it.
+// last feed request succeeded and the server answered one within the
+// longpoll timeout plus slack, otherwise the reason. A daemon's readiness probe and watchdog use it.
 func (e *Engine) Ready() error {
 	last := e.feedContact.Load()
 	if last == 0 {
 		return errors.New("the changes feed has not been read yet")
+	}
+	if err := e.feedErr.Load(); err != nil {
+		return fmt.Errorf("the changes feed is failing: %w", *err)
 	}
 	age := time.Since(time.Unix(0, last))
 	if limit := e.opts.FeedTimeout + 35*time.Second; age > limit {

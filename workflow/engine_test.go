@@ -201,10 +201,19 @@ func TestEngineSurvivesServerKillAndRestart(t *testing.T) {
 	workflowtest.Eventually(t, 30*time.Second, "some progress", func() (bool, string) {
 		return eng.Stats().Transitions >= 20, ""
 	})
+	if err := eng.Ready(); err != nil {
+		t.Fatalf("not ready while working: %v", err)
+	}
 	srv.Kill(t)
-	time.Sleep(500 * time.Millisecond)
+	workflowtest.Eventually(t, 10*time.Second, "unready while the server is down", func() (bool, string) {
+		return eng.Ready() != nil, "still ready"
+	})
 	slow.Store(false)
 	srv.Start(t)
+	workflowtest.Eventually(t, 30*time.Second, "ready again", func() (bool, string) {
+		err := eng.Ready()
+		return err == nil, fmt.Sprint(err)
+	})
 	workflowtest.Eventually(t, 90*time.Second, "all done after the restart", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 300, fmt.Sprint(st)

@@ -36,6 +36,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		next, rows, err := e.poll(ctx, since)
 		if err == nil {
 			e.feedContact.Store(time.Now().UnixNano())
+			e.feedErr.Store(nil)
 			since = next
 			failures = 0
 			if rows < e.opts.FeedBatch && !sleep(ctx, e.opts.FeedLinger) {
@@ -52,6 +53,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		}
 		failures++
 		e.stats.feedErrors.Add(1)
+		e.feedErr.Store(&err)
 		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 		e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
 		if couch.IsNotFound(err) {
