@@ -171,6 +171,10 @@ type Engine struct {
 	checkpointSaved atomic.Int64
 	// feedErr is the last feed request's error, nil after a success.
 	feedErr atomic.Pointer[error]
+	// backpressured is set while the feed waits for workers to catch up
+	// (max_pending); progress is when a run last finished (unix ns).
+	backpressured atomic.Bool
+	progress      atomic.Int64
 }
 
 // New returns an engine for db running reg's handlers. Spec fields left zero
@@ -314,10 +318,19 @@ func (e *Engine) Ready() error {
 		return fmt.Errorf("the changes feed is failing: %w", *err)
 	}
 	age := time.Since(time.Unix(0, last))
-	if limit := e.opts.FeedTimeout + 35*time.Second; age > limit {
-		return fmt.Errorf("no answer on the changes feed for %v (limit %v)", age.Round(time.Second), limit)
+	limit := e.opts.FeedTimeout + 35*time.Second
+	if age <= limit {
+		return nil
 	}
-	return nil
+	// A feed paused on purpose until the workers catch up is healthy as
+	// long as they are finishing work: a busy daemon is not a stuck one.
+	if e.backpressured.Load() {
+		if idle := time.Since(time.Unix(0, e.progress.Load())); idle <= limit {
+			return nil
+		}
+		return fmt.Errorf("the feed waits for workers at max pending, and no run finished for %v", time.Since(time.Unix(0, e.progress.Load())).Round(time.Second))
+	}
+	return fmt.Errorf("no answer on the changes feed for %v (limit %v)", age.Round(time.Second), limit)
 }
 
 // Stats is a snapshot of the engine's counters.

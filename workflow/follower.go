@@ -30,7 +30,10 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			continue
 		default:
 		}
-		if err := e.tr.waitBelow(ctx, e.opts.MaxPending); err != nil {
+		e.backpressured.Store(e.tr.pending() >= e.opts.MaxPending)
+		err := e.tr.waitBelow(ctx, e.opts.MaxPending)
+		e.backpressured.Store(false)
+		if err != nil {
 			return
 		}
 		next, rows, err := e.poll(ctx, since)

@@ -44,6 +44,7 @@ func (e *Engine) process(ctx context.Context, w work) {
 	defer e.stats.inflight.Add(-1)
 	out := e.handle(ctx, w)
 	if out.finished {
+		e.progress.Store(time.Now().UnixNano())
 		e.tr.done(w.tokens)
 		e.q.forget(w.id)
 		e.q.done(w.id, nil)
