@@ -17,6 +17,7 @@ import (
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/metrics"
 )
 
 // Env is what handler sets are built from: the loaded configuration and
@@ -29,6 +30,10 @@ type Env struct {
 	// Mux is served on http.listen; sets mount their pages on it (the
 	// device confirmation link).
 	Mux *http.ServeMux
+
+	// metrics is the daemon's Prometheus instrumentation (nil in commands
+	// that serve none).
+	metrics *metrics.Metrics
 }
 
 // Options customise the command line.

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -92,6 +94,26 @@ func TestRunProcessesDocsServesHealthAndDrainsOnCancel(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The counters move as documents flow.
+	before := scrape(t, addr, `docstate_transitions_total{engine="docstate"}`)
+	for i := range 10 {
+		if _, err := db.Put(ctx, fmt.Sprintf("k%02d", i), map[string]any{"type": "job", "state": "new"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for scrape(t, addr, `docstate_transitions_total{engine="docstate"}`) < before+10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("transitions did not move by 10 from %v", before)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if runs := scrape(t, addr, `docstate_handler_runs_total{engine="docstate",mode="safe",result="ok",state="new",type="job"}`); runs < 30 {
+		t.Fatalf("handler runs %v, want >= 30", runs)
+	}
+	if ready := scrape(t, addr, `docstate_ready{engine="docstate"}`); ready != 1 {
+		t.Fatalf("docstate_ready %v", ready)
+	}
 	cancel()
 	select {
 	case err := <-done:
@@ -163,4 +185,28 @@ func TestCheckUnreachableServerAndWrongPassword(t *testing.T) {
 		!strings.Contains(out.String(), `refused the credentials of user "admin"`) {
 		t.Fatalf("wrong password: err %v, output (must fail, must not echo the password):\n%s", err, out.String())
 	}
+}
+
+// scrape reads one series' value from /metrics (-1 when absent).
+func scrape(t *testing.T, addr, series string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	return -1
 }

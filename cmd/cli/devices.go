@@ -6,6 +6,8 @@ import (
 
 	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/handlers"
+	"github.com/docstate/docstate/internal/metrics"
+	"github.com/docstate/docstate/workflow"
 )
 
 // deviceSet is the device registration handler set, as the daemon runs it:
@@ -31,6 +33,26 @@ func (s deviceSet) Provision(ctx context.Context) error {
 	return devices.InstallValidation(ctx, s.env.DB, "")
 }
 
+// countingMailer counts each send for docstate_emails_sent_total: ok,
+// temporary (retried) or permanent (the mailer marks those Terminal).
+type countingMailer struct {
+	devices.Mailer
+	count func(result string)
+}
+
+func (c countingMailer) Send(ctx context.Context, m devices.Message) error {
+	err := c.Mailer.Send(ctx, m)
+	switch {
+	case err == nil:
+		c.count(metrics.EmailOK)
+	case workflow.IsTerminal(err):
+		c.count(metrics.EmailPermanent)
+	default:
+		c.count(metrics.EmailTemporary)
+	}
+	return err
+}
+
 // newDevices builds the device set from the configuration.
 func newDevices(env Env) (deviceSet, error) {
 	cfg := env.Config
@@ -38,7 +60,7 @@ func newDevices(env Env) (deviceSet, error) {
 	if err != nil {
 		return deviceSet{}, fmt.Errorf("devices.secret_file: %w", err)
 	}
-	mailer, err := devices.NewSMTPMailer(devices.SMTPConfig{
+	smtp, err := devices.NewSMTPMailer(devices.SMTPConfig{
 		Host:        cfg.SMTP.Host,
 		Port:        cfg.SMTP.Port,
 		TLS:         devices.TLSPolicy(cfg.SMTP.TLS),
@@ -50,6 +72,10 @@ func newDevices(env Env) (deviceSet, error) {
 	})
 	if err != nil {
 		return deviceSet{}, fmt.Errorf("smtp: %w", err)
+	}
+	var mailer devices.Mailer = smtp
+	if env.metrics != nil {
+		mailer = countingMailer{Mailer: smtp, count: env.metrics.EmailSent}
 	}
 	var tmpl *devices.Templates
 	if cfg.Devices.TemplatesDir != "" {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/handlers"
+	"github.com/docstate/docstate/internal/metrics"
 	"github.com/docstate/docstate/workflow"
 )
 
@@ -28,7 +29,10 @@ On SIGINT or SIGTERM it stops reading the feed, lets running handlers finish
 for up to engine.drain_timeout, saves the checkpoint and exits 0. Documents
 still queued are not lost: their changes were not checkpointed and are
 replayed at the next start. With http.listen set it serves /healthz (the
-process is up) and /readyz (the changes feed answered recently).`,
+process is up), /readyz (the changes feed is healthy) and /metrics
+(Prometheus). Under systemd (Type=notify) it sends READY=1 once the feed
+runs, WATCHDOG=1 only while the feed is healthy, and STOPPING=1 on a
+signal, before the drain.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.load(opts)
@@ -77,6 +81,9 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 	}
 	eopts := EngineOptions(cfg)
 	eopts.Logger = env.Logger
+	if env.metrics != nil {
+		eopts.OnRun = env.metrics.OnRun
+	}
 	eng, err := workflow.New(env.DB, reg, eopts)
 	if err != nil {
 		return nil, nil, nil, err
@@ -92,11 +99,15 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	}
 	defer client.Close()
 	mux := http.NewServeMux()
-	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux}
+	m := metrics.New(version(), metrics.WithEngine(cfg.Engine.Name))
+	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux, metrics: m}
 	sets, reg, eng, err := build(cfg, opts, env)
 	if err != nil {
 		return err
 	}
+	m.WatchEngine(cfg.Engine.Name, eng.Stats)
+	m.WatchReady(cfg.Engine.Name, eng.Ready)
+	mux.Handle("GET /metrics", m.Handler())
 	if err := provision(ctx, sets); err != nil {
 		return err
 	}
@@ -124,7 +135,22 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 			_ = srv.Shutdown(sctx)
 		}()
 	}
-	if err := eng.Run(ctx); err != nil {
+	// The engine stops on its own context, cancelled only after systemd
+	// was told STOPPING=1, so the notice comes before the drain.
+	engCtx, stopEngine := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopEngine()
+	ntf := systemdNotifier(log, eng, cfg.Database)
+	wg.Go(func() { ntf.run(engCtx) })
+	wg.Go(func() {
+		select {
+		case <-ctx.Done():
+			log.Info("stop requested; draining", "timeout", cfg.Engine.DrainTimeout)
+			ntf.stopping()
+		case <-engCtx.Done():
+		}
+		stopEngine()
+	})
+	if err := eng.Run(engCtx); err != nil {
 		return err
 	}
 	log.Info("docstate stopped")
