@@ -173,8 +173,9 @@ func TestSIGTERMDrainsSavesCheckpointAndLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	const drain = 10 * time.Second
+	addr := freeAddr(t)
 	config := writeConfig(t, db.Name(), fmt.Sprintf(
-		"engine:\n  drain_timeout: %s\n  workers: 4\n  checkpoint_interval: 200ms\nhttp:\n  listen: \"\"\n", drain))
+		"engine:\n  drain_timeout: %s\n  workers: 4\n  checkpoint_interval: 200ms\nhttp:\n  listen: %s\n", drain, addr))
 
 	first := startDaemon(t, bin, config)
 
@@ -201,6 +202,16 @@ func TestSIGTERMDrainsSavesCheckpointAndLosesNothing(t *testing.T) {
 		}
 	})
 
+	// The binary's /metrics: transitions move while orders flow.
+	series := `docstate_transitions_total{engine="docstate"}`
+	var early float64 = -1
+	for deadline := time.Now().Add(30 * time.Second); early < 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s on the binary's /metrics; log:\n%s", series, first.stderr.String())
+		}
+		early = scrape(addr, series)
+	}
+
 	deadline := time.Now().Add(60 * time.Second)
 	var acceptedAtStop int
 	for {
@@ -212,6 +223,9 @@ func TestSIGTERMDrainsSavesCheckpointAndLosesNothing(t *testing.T) {
 			t.Fatalf("only %d orders accepted after 60s; log:\n%s", acceptedAtStop, first.stderr.String())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	if late := scrape(addr, series); late < 50 || late <= early {
+		t.Fatalf("%s went from %v to %v with %d orders accepted", series, early, late, acceptedAtStop)
 	}
 	took := first.stop(t, drain+5*time.Second)
 	close(stopWriting)
