@@ -307,8 +307,9 @@ func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
 }
 
 // Ready reports whether the engine is following its feed: nil when the
-// last feed request succeeded and the server answered one within the
-// longpoll timeout plus slack, otherwise the reason. A daemon's readiness probe and watchdog use it.
+// last feed request succeeded and the server answered one within a feed
+// request's deadline (1.5 × feed timeout + 5s) plus 5s, otherwise the
+// reason. A daemon's readiness probe and watchdog use it.
 func (e *Engine) Ready() error {
 	last := e.feedContact.Load()
 	if last == 0 {
@@ -318,7 +319,7 @@ func (e *Engine) Ready() error {
 		return fmt.Errorf("the changes feed is failing: %w", *err)
 	}
 	age := time.Since(time.Unix(0, last))
-	limit := e.opts.FeedTimeout + 35*time.Second
+	limit := e.feedDeadline() + 5*time.Second
 	if age <= limit {
 		return nil
 	}

@@ -409,9 +409,10 @@ func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)
-	// PouchDB Server can answer 412 for a moment after a delete while the
-	// engine's open feed still holds the old database; retry briefly.
-	workflowtest.Eventually(t, 10*time.Second, "database created again", func() (bool, string) {
+	// PouchDB Server answers 412 after a delete while the engine's open
+	// longpoll still holds the old database, whose feed never answers: until
+	// the request's deadline (1.5 × feed timeout + 5s) ends it.
+	workflowtest.Eventually(t, 30*time.Second, "database created again", func() (bool, string) {
 		err := client.CreateDB(ctx, db.Name())
 		if err != nil && !couch.IsPreconditionFailed(err) {
 			t.Fatal(err)

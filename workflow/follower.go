@@ -76,12 +76,17 @@ func (e *Engine) follow(ctx context.Context, since string) {
 
 var errFeedReset = errors.New("feed reset requested")
 
+// feedDeadline bounds one longpoll request: the server's own timeout plus
+// slack. A request that outlives it is on a dead connection, or (PouchDB
+// Server) on a database deleted under it, whose feed never answers.
+func (e *Engine) feedDeadline() time.Duration {
+	return e.opts.FeedTimeout + e.opts.FeedTimeout/2 + 5*time.Second
+}
+
 // poll makes one longpoll request and queues what it returns. It returns
 // the seq to continue from and the number of rows.
 func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
-	// The deadline covers the server's own timeout plus slack: a request
-	// that outlives it is on a dead connection.
-	reqCtx, cancel := context.WithTimeout(ctx, e.opts.FeedTimeout+30*time.Second)
+	reqCtx, cancel := context.WithTimeout(ctx, e.feedDeadline())
 	defer cancel()
 	// A reset request must interrupt a longpoll that may wait a minute.
 	stop := make(chan struct{})
