@@ -26,11 +26,7 @@ held and expired, documents in an error state, invalid documents, and documents
 waiting for a retry. It reads the whole database; progress goes to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := g.load(opts)
-			if err != nil {
-				return err
-			}
-			client, db, err := connect(cfg)
+			cfg, client, db, err := g.open(opts)
 			if err != nil {
 				return err
 			}
@@ -98,11 +94,7 @@ func newRedriveCmd(g *globals, opts Options, use, short, long string, withSince 
 		Short: short,
 		Long:  long,
 		RunE: func(cmd *cobra.Command, ids []string) error {
-			cfg, err := g.load(opts)
-			if err != nil {
-				return err
-			}
-			client, db, err := connect(cfg)
+			cfg, client, db, err := g.open(opts)
 			if err != nil {
 				return err
 			}

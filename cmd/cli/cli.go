@@ -158,6 +158,17 @@ func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, hopts))
 }
 
+// open loads the configuration and connects: the start of every command
+// that only reads or writes documents. The caller closes the client.
+func (g *globals) open(opts Options) (config.Config, *kivik.Client, *kivik.DB, error) {
+	cfg, err := g.load(opts)
+	if err != nil {
+		return cfg, nil, nil, err
+	}
+	client, db, err := connect(cfg)
+	return cfg, client, db, err
+}
+
 // connect builds the client and database handle for cfg.
 func connect(cfg config.Config) (*kivik.Client, *kivik.DB, error) {
 	client, err := couch.NewClient(couch.Options{
