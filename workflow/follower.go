@@ -130,17 +130,16 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 			e.tr.done([]token{tok})
 			continue
 		}
+		if len(ch.Changes) > 0 {
+			tok.rev = revGeneration(ch.Changes[0])
+		}
 		var doc jsonDoc
 		if scanErr := ch.ScanDoc(&doc); scanErr != nil || len(doc) == 0 {
 			// No body: the worker reads the document itself.
 			e.q.add(ch.ID, nil, 0, tok)
 			continue
 		}
-		gen := 0
-		if len(ch.Changes) > 0 {
-			gen = revGeneration(ch.Changes[0])
-		}
-		e.q.add(ch.ID, []byte(doc), gen, tok)
+		e.q.add(ch.ID, []byte(doc), tok.rev, tok)
 	}
 	select {
 	case <-reset:

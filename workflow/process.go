@@ -42,12 +42,12 @@ const maxRounds = 5
 func (e *Engine) process(ctx context.Context, w work) {
 	e.stats.inflight.Add(1)
 	defer e.stats.inflight.Add(-1)
-	out := e.handle(ctx, w)
+	out, read := e.handle(ctx, w)
 	if out.finished {
 		e.progress.Store(time.Now().UnixNano())
 		e.tr.done(w.tokens)
 		e.q.forget(w.id)
-		e.q.done(w.id, nil)
+		e.tr.done(e.q.done(w.id, nil, read))
 		if out.after > 0 {
 			e.q.addAfter(w.id, out.after)
 		}
@@ -55,34 +55,37 @@ func (e *Engine) process(ctx context.Context, w work) {
 	}
 	e.stats.transient.Add(1)
 	n := e.q.failed(w.id)
-	e.q.done(w.id, w.tokens)
+	e.q.done(w.id, w.tokens, 0)
 	if ctx.Err() == nil {
 		e.q.addAfter(w.id, backoff(n, e.opts.FeedRetryMin, e.opts.FeedRetryMax))
 	}
 }
 
-func (e *Engine) handle(ctx context.Context, w work) outcome {
-	raw := w.hint
+// handle runs one id. It also returns the revision generation of the
+// document as last read (0 when none was), which covers every change up to
+// that generation.
+func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
+	raw, read := w.hint, 0
 	for range maxRounds {
 		if raw == nil {
 			var err error
 			raw, err = e.read(ctx, w.id)
 			if couch.IsNotFound(err) {
-				return finished // deleted, or the database is gone
+				return finished, 0 // deleted, or the database is gone
 			}
 			if err != nil {
 				e.log.Debug("cannot read document", "id", w.id, "err", err)
-				return transient
+				return transient, 0
 			}
 		}
-		out, conflict := e.evaluate(ctx, raw)
+		out, conflict := e.evaluate(ctx, raw, &read)
 		if !conflict {
-			return out
+			return out, read
 		}
 		raw = nil
 	}
 	e.log.Debug("document kept changing during its run; retrying later", "id", w.id)
-	return transient
+	return transient, 0
 }
 
 func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
@@ -95,8 +98,11 @@ func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
 
 // evaluate decides from the document's current type and state what to do.
 // conflict means a write lost to a newer revision: read again and repeat.
-func (e *Engine) evaluate(ctx context.Context, raw []byte) (outcome, bool) {
+func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int) (outcome, bool) {
 	doc, err := parseDoc(raw, e.types)
+	if doc != nil {
+		*read = revGeneration(doc.Rev)
+	}
 	var invalid *invalidError
 	switch {
 	case errors.As(err, &invalid):

@@ -33,6 +33,9 @@ type entry struct {
 	queued     bool
 	processing bool
 	dirty      bool
+	// plainDirty: added without a feed change while processing (a timer,
+	// a scan), which asks for another look whatever the run read.
+	plainDirty bool
 	hint       []byte
 	hintGen    int
 	tokens     []token
@@ -71,6 +74,9 @@ func (q *queue) add(id string, hint []byte, hintGen int, toks ...token) {
 	e.tokens = append(e.tokens, toks...)
 	if e.processing {
 		e.dirty = true
+		if len(toks) == 0 && hint == nil {
+			e.plainDirty = true
+		}
 		return
 	}
 	if !e.queued && !q.closed {
@@ -104,12 +110,34 @@ func (q *queue) get() (work, bool) {
 }
 
 // done ends a run of id. Tokens given back (the run did not finish) stay with
-// the entry for its next run.
-func (q *queue) done(id string, giveBack []token) {
+// the entry for its next run. When the run finished having read revision
+// generation covered, changes that arrived meanwhile for that generation or
+// an older one are covered by it: they are returned for the caller to mark
+// finished, and do not queue the id again.
+func (q *queue) done(id string, giveBack []token, covered int) []token {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	e := q.items[id]
 	e.processing = false
+	var finished []token
+	if covered > 0 && len(giveBack) == 0 && !e.plainDirty {
+		keep := e.tokens[:0]
+		for _, t := range e.tokens {
+			if t.rev > 0 && t.rev <= covered {
+				finished = append(finished, t)
+			} else {
+				keep = append(keep, t)
+			}
+		}
+		e.tokens = keep
+		if e.hint != nil && e.hintGen <= covered {
+			e.hint, e.hintGen = nil, 0
+		}
+		if len(e.tokens) == 0 && e.hint == nil {
+			e.dirty = false
+		}
+	}
+	e.plainDirty = false
 	e.tokens = append(giveBack, e.tokens...)
 	if e.dirty {
 		e.dirty = false
@@ -118,11 +146,12 @@ func (q *queue) done(id string, giveBack []token) {
 			q.fifo = append(q.fifo, id)
 			q.cond.Signal()
 		}
-		return
+		return finished
 	}
 	if len(e.tokens) == 0 && e.hint == nil {
 		delete(q.items, id)
 	}
+	return finished
 }
 
 // addAfter queues id after d. Only the earliest pending delay per id is kept:

@@ -29,7 +29,7 @@ func TestQueueCoalescesAndNeverRunsAnIDTwiceAtOnce(t *testing.T) {
 	if q.len() != 0 {
 		t.Fatalf("a was queued while still processing")
 	}
-	q.done("a", nil)
+	q.done("a", nil, 0)
 	w3, _ := q.get()
 	if w3.id != "a" || string(w3.hint) != `{"_id":"a"}` {
 		t.Fatalf("dirty a not re-queued with its hint after done: %+v", w3)
@@ -44,7 +44,7 @@ func TestQueueKeepsNewestHintAndGivenBackTokens(t *testing.T) {
 	if string(w.hint) != "new" || len(w.tokens) != 2 {
 		t.Fatalf("hint %q tokens %v, want newest hint and both tokens", w.hint, w.tokens)
 	}
-	q.done("a", w.tokens)
+	q.done("a", w.tokens, 0)
 	q.add("a", nil, 0, token{n: 3})
 	w, _ = q.get()
 	if len(w.tokens) != 3 || w.tokens[0].n != 1 {
@@ -71,7 +71,7 @@ func TestQueueConcurrentWorkersNeverOverlapOnOneID(t *testing.T) {
 				runs.Add(1)
 				time.Sleep(50 * time.Microsecond)
 				running[i].Add(-1)
-				q.done(w.id, nil)
+				q.done(w.id, nil, 0)
 			}
 		})
 	}
@@ -202,5 +202,39 @@ func TestBackoffGrowsWithinBounds(t *testing.T) {
 		if d < want/2 || d > want {
 			t.Fatalf("attempt %d: %v outside [%v, %v]", attempt, d, want/2, want)
 		}
+	}
+}
+
+func TestQueueDoneCompletesChangesTheRunAlreadyRead(t *testing.T) {
+	q := newQueue()
+	q.add("a", nil, 0) // a scan: no feed change
+	w, _ := q.get()
+	// The feed delivers the revision the run is reading, then a newer one.
+	q.add("a", []byte("gen2"), 2, token{n: 1, rev: 2})
+	covered := q.done(w.id, nil, 2)
+	if len(covered) != 1 || covered[0].n != 1 {
+		t.Fatalf("covered %v, want the change of generation 2", covered)
+	}
+	if q.len() != 0 {
+		t.Fatal("re-queued for a change the run had already read")
+	}
+
+	// A change newer than what the run read queues the id again.
+	q.add("a", nil, 0)
+	w, _ = q.get()
+	q.add("a", []byte("gen3"), 3, token{n: 2, rev: 3})
+	if covered := q.done(w.id, nil, 2); len(covered) != 0 || q.len() != 1 {
+		t.Fatalf("newer change: covered %v, queued %d", covered, q.len())
+	}
+	w, _ = q.get()
+	if len(w.tokens) != 1 || string(w.hint) != "gen3" {
+		t.Fatalf("next run lacks the newer change: %+v", w)
+	}
+
+	// A plain add while running (a timer) asks for another look anyway.
+	q.add("a", nil, 0, token{n: 3, rev: 3})
+	q.add("a", nil, 0)
+	if covered := q.done(w.id, nil, 3); len(covered) != 0 || q.len() != 1 {
+		t.Fatalf("timer during a run: covered %v, queued %d", covered, q.len())
 	}
 }

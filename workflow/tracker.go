@@ -9,6 +9,9 @@ import (
 type token struct {
 	gen uint64
 	n   uint64
+	// rev is the change's revision generation (0 unknown): a run that read
+	// this generation or a newer one has covered the change.
+	rev int
 }
 
 // tracker computes the checkpoint: the seq of the newest change such that it
