@@ -44,7 +44,7 @@ const statusPage = 1000
 func Inspect(ctx context.Context, db *kivik.DB, name string, progress func(docs int)) (Status, error) {
 	st := Status{States: map[string]map[string]int{}}
 	var cp checkpointDoc
-	switch err := db.Get(ctx, "_local/docstate-"+name).ScanDoc(&cp); {
+	switch err := db.Get(ctx, checkpointID(name)).ScanDoc(&cp); {
 	case err == nil:
 		st.Checkpoint, st.CheckpointSaved = cp.Seq, cp.Saved.Time
 	case !couch.IsNotFound(err):
@@ -227,8 +227,8 @@ func rewrite(ctx context.Context, db *kivik.DB, reg *Registry, ids []string, typ
 	var out []Touched
 	for _, id := range ids {
 		for attempt := 0; ; attempt++ {
-			var raw jsonDoc
-			if err := db.Get(ctx, id).ScanDoc(&raw); err != nil {
+			raw, err := readRaw(ctx, db, id)
+			if err != nil {
 				return out, fmt.Errorf("read %s: %w", id, err)
 			}
 			// Operators act on documents whatever handlers this binary has.

@@ -19,6 +19,9 @@ import (
 // nothing there and the feed must start over.
 var errRecreated = errors.New("database was re-created")
 
+// checkpointID is where engine name keeps its checkpoint.
+func checkpointID(name string) string { return "_local/docstate-" + name }
+
 // checkpointDoc is stored at _local/docstate-<name>. _local documents do not
 // replicate and are not in the changes feed, so saving one never wakes the
 // engine itself.

@@ -152,7 +152,6 @@ type Doc struct {
 	fields map[string]json.RawMessage
 	raw    []byte
 	meta   Meta
-	size   int
 }
 
 // Decode unmarshals the whole document into v.
@@ -212,7 +211,7 @@ func parseDoc(raw []byte, hasType map[string]bool) (*Doc, error) {
 	if err := json.Unmarshal(raw, &fields); err != nil {
 		return nil, fmt.Errorf("%w: body is not a JSON object: %v", errNotOurs, err)
 	}
-	d := &Doc{fields: fields, raw: raw, size: len(raw)}
+	d := &Doc{fields: fields, raw: raw}
 	if err := unmarshalString(fields["_id"], &d.ID); err != nil || d.ID == "" {
 		return nil, fmt.Errorf("%w: no _id", errNotOurs)
 	}

@@ -220,7 +220,7 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		e.specs[key{s.Type, s.State}] = s
 		e.types[s.Type] = true
 	}
-	e.cp = &checkpointer{db: db, id: "_local/docstate-" + opts.Name, owner: opts.Owner}
+	e.cp = &checkpointer{db: db, id: checkpointID(opts.Name), owner: opts.Owner}
 	return e, nil
 }
 
@@ -290,18 +290,33 @@ func (e *Engine) Run(ctx context.Context) error {
 
 // loadCheckpoint reads the checkpoint, retrying while the server is away.
 func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
+	var since string
+	err := e.retry(ctx, "cannot load checkpoint", func() (err error) {
+		since, err = e.cp.load(ctx)
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("workflow: load checkpoint: %w", err)
+	}
+	return since, nil
+}
+
+// retry calls fn until it succeeds or ctx ends, waiting between failures
+// with the feed's reconnect backoff. what starts the warning logged for each
+// failure. It returns ctx's error if ctx ended first.
+func (e *Engine) retry(ctx context.Context, what string, fn func() error) error {
 	for attempt := 1; ; attempt++ {
-		since, err := e.cp.load(ctx)
+		err := fn()
 		if err == nil {
-			return since, nil
+			return nil
 		}
 		if ctx.Err() != nil {
-			return "", fmt.Errorf("workflow: load checkpoint: %w", ctx.Err())
+			return ctx.Err()
 		}
 		d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
-		e.log.Warn("cannot load checkpoint; retrying", "err", err, "in", d)
+		e.log.Warn(what+"; retrying", "err", err, "in", d)
 		if !sleep(ctx, d) {
-			return "", fmt.Errorf("workflow: load checkpoint: %w", ctx.Err())
+			return ctx.Err()
 		}
 	}
 }

@@ -191,17 +191,7 @@ func (e *Engine) afterMissing(ctx context.Context, since string) string {
 // re-read whatever they were doing anyway.
 func (e *Engine) restartFeed(ctx context.Context) string {
 	e.stats.feedResets.Add(1)
-	for attempt := 1; ctx.Err() == nil; attempt++ {
-		err := e.cp.restart(ctx)
-		if err == nil {
-			break
-		}
-		d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
-		e.log.Warn("cannot write checkpoint in re-created database; retrying", "err", err, "in", d)
-		if !sleep(ctx, d) {
-			break
-		}
-	}
+	_ = e.retry(ctx, "cannot write checkpoint in re-created database", func() error { return e.cp.restart(ctx) })
 	e.tr.reset("0")
 	e.log.Warn("feed restarted from 0 in a re-created database")
 	return "0"

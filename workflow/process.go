@@ -89,8 +89,13 @@ func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 }
 
 func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
+	return readRaw(ctx, e.db, id)
+}
+
+// readRaw returns a document's JSON as the server sent it.
+func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
 	var raw jsonDoc
-	if err := e.db.Get(ctx, id).ScanDoc(&raw); err != nil {
+	if err := db.Get(ctx, id).ScanDoc(&raw); err != nil {
 		return nil, err
 	}
 	return raw, nil
@@ -492,7 +497,7 @@ func (d *Doc) reset(body map[string]json.RawMessage, rev string, meta Meta) erro
 	if err != nil {
 		return err
 	}
-	d.fields, d.raw, d.Rev, d.meta, d.size = body, raw, rev, meta, len(raw)
+	d.fields, d.raw, d.Rev, d.meta = body, raw, rev, meta
 	return nil
 }
 

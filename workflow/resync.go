@@ -15,18 +15,15 @@ import (
 // have since died.
 func (e *Engine) resyncLoop(ctx context.Context) {
 	if !e.opts.NoStartScan {
-		for attempt := 1; ctx.Err() == nil; attempt++ {
-			n, err := e.scanHandled(ctx)
-			if err == nil {
-				e.log.Info("start scan done", "queued", n)
-				break
-			}
-			d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
-			e.log.Warn("start scan failed; retrying", "err", err, "in", d)
-			if !sleep(ctx, d) {
-				return
-			}
+		var n int
+		err := e.retry(ctx, "start scan failed", func() (err error) {
+			n, err = e.scanHandled(ctx)
+			return err
+		})
+		if err != nil {
+			return
 		}
+		e.log.Info("start scan done", "queued", n)
 	}
 	tick := time.NewTicker(e.opts.ResyncInterval)
 	defer tick.Stop()
