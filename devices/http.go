@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow"
 )
 
 // ConfirmPath is where Handler serves the confirmation page.
@@ -131,13 +132,13 @@ func (d *Devices) recordLink(ctx context.Context, docID, token string) error {
 			return err
 		}
 		var typ, state, linkHash string
-		var expires struct{ T stampJSON }
+		var expires workflow.Stamp
 		_ = json.Unmarshal(doc["type"], &typ)
 		_ = json.Unmarshal(doc["state"], &state)
 		_ = json.Unmarshal(doc[FieldLinkHash], &linkHash)
-		_ = json.Unmarshal(doc[FieldCodeExpires], &expires.T)
+		_ = json.Unmarshal(doc[FieldCodeExpires], &expires)
 		if typ != DocType || state != StateConfirming || linkHash == "" ||
-			!equalHex(d.linkHash(docID, token), linkHash) || !time.Now().Before(time.Time(expires.T)) {
+			!equalHex(d.linkHash(docID, token), linkHash) || !time.Now().Before(expires.Time) {
 			return errLinkInvalid
 		}
 		proof, err := json.Marshal(d.linkProof(docID, linkHash))
@@ -152,20 +153,4 @@ func (d *Devices) recordLink(ctx context.Context, docID, token string) error {
 		return err
 	}
 	return linkError("document kept changing")
-}
-
-// stampJSON reads an RFC 3339 time.
-type stampJSON time.Time
-
-func (s *stampJSON) UnmarshalJSON(b []byte) error {
-	var str string
-	if err := json.Unmarshal(b, &str); err != nil {
-		return err
-	}
-	t, err := time.Parse(time.RFC3339Nano, str)
-	if err != nil {
-		return err
-	}
-	*s = stampJSON(t)
-	return nil
 }
