@@ -24,8 +24,20 @@ type Options struct {
 	// Owner identifies this engine instance in claims. Default
 	// hostname-pid-random, unique per start.
 	Owner string
-	// Workers is how many documents are handled at once. Default 16.
+	// Workers is how many handlers run at once. Default 16. With group
+	// commit on, up to BatchSize more documents may be between their
+	// handler and their write at the same time.
 	Workers int
+
+	// BatchSize is the most document writes (results and claims) sent in
+	// one _bulk_docs request: group commit. Each document keeps its own
+	// compare-and-swap. 1 turns group commit off: every write is a single
+	// PUT. Default 250.
+	BatchSize int
+	// BatchLinger is the longest a write waits for others to join its
+	// batch (default 5ms). A batch goes at once when it is full or when
+	// every run in progress is already waiting for it.
+	BatchLinger time.Duration
 
 	// HandlerTimeout, Lease, MaxAttempts, RetryBase and RetryMax are the
 	// defaults for specs that leave them zero: 30s, 2m, 5, 1s, 1h.
@@ -72,6 +84,9 @@ type Options struct {
 	// OnRun, when set, is called after every handler run, for metrics. It
 	// must be fast and must not block: it runs on the worker.
 	OnRun func(RunInfo)
+	// OnFlush, when set, is called after every group commit request, for
+	// metrics. It must be fast and must not block.
+	OnFlush func(FlushInfo)
 }
 
 // RunInfo describes one handler run. It holds no document id, so metrics
@@ -102,6 +117,10 @@ func (o *Options) setDefaults() error {
 	if o.Workers == 0 {
 		o.Workers = 16
 	}
+	if o.BatchSize == 0 {
+		o.BatchSize = 250
+	}
+	def(&o.BatchLinger, 5*time.Millisecond)
 	def(&o.HandlerTimeout, 30*time.Second)
 	def(&o.Lease, 2*time.Minute)
 	if o.MaxAttempts == 0 {
@@ -126,8 +145,8 @@ func (o *Options) setDefaults() error {
 		o.Logger = slog.Default()
 	}
 	switch {
-	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0, o.FeedLinger < 0:
-		return errors.New("workers, max attempts, feed batch and max pending must not be negative")
+	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0, o.FeedLinger < 0, o.BatchSize < 0, o.BatchLinger < 0:
+		return errors.New("workers, batch size, batch linger, max attempts, feed batch, feed linger and max pending must not be negative")
 	case o.Lease <= o.HandlerTimeout:
 		return fmt.Errorf("lease %v must exceed handler timeout %v", o.Lease, o.HandlerTimeout)
 	case o.RetryBase > o.RetryMax:
@@ -161,6 +180,11 @@ type Engine struct {
 	tr    *tracker
 	cp    *checkpointer
 	stats counters
+	// batch is the group commit, nil when BatchSize is 1.
+	batch *batcher
+	// handlerSlots bounds handlers running at once to Workers, while more
+	// workers than that wait for their writes.
+	handlerSlots chan struct{}
 
 	resetFeed chan struct{}
 	running   atomic.Bool
@@ -196,6 +220,11 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		q:         newQueue(),
 		tr:        newTracker(""),
 		resetFeed: make(chan struct{}, 1),
+
+		handlerSlots: make(chan struct{}, opts.Workers),
+	}
+	if opts.BatchSize > 1 {
+		e.batch = newBatcher(db, opts.BatchSize, opts.BatchLinger, e.stats.inflight.Load, e.onFlush)
 	}
 	for _, s := range reg.Specs() {
 		if s.Timeout == 0 {
@@ -248,12 +277,20 @@ func (e *Engine) Run(ctx context.Context) error {
 	work, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 
-	var background, workers sync.WaitGroup
+	var background, workers, writer sync.WaitGroup
 	background.Go(func() { e.q.runTimers(ctx) })
 	background.Go(func() { e.follow(ctx, since) })
 	background.Go(func() { e.saveCheckpoints(ctx) })
 	background.Go(func() { e.resyncLoop(ctx) })
-	for range e.opts.Workers {
+	workerCount := e.opts.Workers
+	writersGone := make(chan struct{})
+	if e.batch != nil {
+		// Enough workers to fill a batch while every handler slot is
+		// busy: the handlers, not the write round trips, are the limit.
+		workerCount += e.opts.BatchSize
+		writer.Go(func() { e.batch.run(work, writersGone) })
+	}
+	for range workerCount {
 		workers.Go(func() {
 			for {
 				w, ok := e.q.get()
@@ -277,6 +314,8 @@ func (e *Engine) Run(ctx context.Context) error {
 		stopWork()
 		<-drained
 	}
+	close(writersGone)
+	writer.Wait()
 	background.Wait()
 
 	saveCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -374,6 +413,8 @@ type Stats struct {
 	FeedResets       int64 // feed restarted from 0 because the database was re-created
 	CheckpointsSaved int64
 	ResyncQueued     int64 // ids queued by scans
+	Batches          int64 // group commit requests (_bulk_docs) sent
+	BatchedWrites    int64 // document writes sent in them
 	Inflight         int64 // handler runs in progress now
 	Queued           int64 // ids waiting for a worker now
 	Delayed          int64 // ids waiting for a timer (retries, wake-ups, claim expiries) now
@@ -388,6 +429,7 @@ type counters struct {
 	claimsWon, claimsLost, claimsHeld, claimsTakenOver, claimsExpired         atomic.Int64
 	resultsDropped, retries, failed, invalid, skipped, transient              atomic.Int64
 	feedRequests, feedErrors, feedResets, checkpoints, resyncQueued, inflight atomic.Int64
+	batches, batchedWrites                                                    atomic.Int64
 }
 
 // Stats returns the counters now.
@@ -403,6 +445,7 @@ func (e *Engine) Stats() Stats {
 		Skipped: c.skipped.Load(), Transient: c.transient.Load(), FeedRequests: c.feedRequests.Load(),
 		FeedErrors: c.feedErrors.Load(), FeedResets: c.feedResets.Load(),
 		CheckpointsSaved: c.checkpoints.Load(), ResyncQueued: c.resyncQueued.Load(),
+		Batches: c.batches.Load(), BatchedWrites: c.batchedWrites.Load(),
 		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
 	}
 	s.Pending = int64(e.tr.pending())
@@ -414,6 +457,18 @@ func (e *Engine) Stats() Stats {
 		s.FeedContact = time.Unix(0, t)
 	}
 	return s
+}
+
+// onFlush counts a group commit and passes it to the OnFlush hook.
+func (e *Engine) onFlush(info FlushInfo) {
+	e.stats.batches.Add(1)
+	e.stats.batchedWrites.Add(int64(info.Docs))
+	if info.Err != nil {
+		e.log.Debug("group commit failed", "docs", info.Docs, "err", info.Err)
+	}
+	if e.opts.OnFlush != nil {
+		e.opts.OnFlush(info)
+	}
 }
 
 // backoff is exponential from base, capped at max, with "equal jitter": half

@@ -265,6 +265,12 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 
 // call runs the handler with its timeout, turning a panic into an error.
 func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err error) {
+	select {
+	case e.handlerSlots <- struct{}{}:
+		defer func() { <-e.handlerSlots }()
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
 	e.stats.runs.Add(1)
 	hctx, cancel := context.WithTimeout(ctx, spec.Timeout)
 	defer cancel()
@@ -482,8 +488,17 @@ func (e *Engine) commit(ctx context.Context, doc *Doc, state string, set map[str
 	if err != nil {
 		return nil, "", err
 	}
-	rev, err := e.db.Put(ctx, doc.ID, body)
+	rev, err := e.put(ctx, doc.ID, body)
 	return body, rev, err
+}
+
+// put writes one document, compare-and-swap on the _rev in body, through
+// the group commit when it is on.
+func (e *Engine) put(ctx context.Context, id string, body map[string]json.RawMessage) (string, error) {
+	if e.batch != nil {
+		return e.batch.put(ctx, id, body)
+	}
+	return e.db.Put(ctx, id, body)
 }
 
 // reset makes doc reflect body after it was written as rev.
