@@ -71,6 +71,8 @@ type CouchDB struct {
 type Engine struct {
 	Name               string        `yaml:"name"`
 	Workers            int           `yaml:"workers"`
+	BatchSize          int           `yaml:"batch_size"`
+	BatchLinger        time.Duration `yaml:"batch_linger"`
 	Owner              string        `yaml:"owner"`
 	Lease              time.Duration `yaml:"lease"`
 	HandlerTimeout     time.Duration `yaml:"handler_timeout"`
@@ -112,6 +114,8 @@ func Default() Config {
 		Engine: Engine{
 			Name:               "docstate",
 			Workers:            16,
+			BatchSize:          250,
+			BatchLinger:        5 * time.Millisecond,
 			Lease:              2 * time.Minute,
 			HandlerTimeout:     30 * time.Second,
 			MaxAttempts:        5,

@@ -53,6 +53,8 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		Name:               e.Name,
 		Owner:              e.Owner,
 		Workers:            e.Workers,
+		BatchSize:          e.BatchSize,
+		BatchLinger:        e.BatchLinger,
 		HandlerTimeout:     e.HandlerTimeout,
 		Lease:              e.Lease,
 		MaxAttempts:        e.MaxAttempts,
@@ -83,6 +85,7 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 	eopts.Logger = env.Logger
 	if env.metrics != nil {
 		eopts.OnRun = env.metrics.OnRun
+		eopts.OnFlush = env.metrics.OnFlush
 	}
 	eng, err := workflow.New(env.DB, reg, eopts)
 	if err != nil {

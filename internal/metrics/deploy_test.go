@@ -33,6 +33,7 @@ func exported(t *testing.T) map[string]dto.MetricType {
 	m := New("test")
 	m.OnRun(workflow.RunInfo{Type: "order", State: "new", Mode: workflow.Safe, Result: "ok", Duration: time.Millisecond})
 	m.EmailSent(EmailOK)
+	m.OnFlush(workflow.FlushInfo{Docs: 10, Duration: time.Millisecond})
 	s := fakeStats()
 	s.CheckpointSaved, s.FeedContact = time.Now(), time.Now()
 	m.WatchEngine("docstate", func() workflow.Stats { return s })

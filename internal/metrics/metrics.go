@@ -22,6 +22,10 @@ const DefaultEngine = "docstate"
 // dense enough around 10s for the slow-handler alert.
 var DurationBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60}
 
+// BatchSizeBuckets are the group commit size buckets, up to the largest
+// engine.batch_size.
+var BatchSizeBuckets = []float64{1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+
 // Email results accepted by EmailSent; anything else is counted as "other"
 // so the label stays bounded.
 const (
@@ -46,6 +50,8 @@ type Metrics struct {
 	reg      *prometheus.Registry
 	runs     *prometheus.CounterVec
 	duration *prometheus.HistogramVec
+	batch    *prometheus.HistogramVec
+	flush    *prometheus.HistogramVec
 	emails   *prometheus.CounterVec
 	engines  *engineCollector
 	handler  http.Handler
@@ -76,6 +82,16 @@ func New(version string, opts ...Option) *Metrics {
 		Help:    "Duration of handler runs, whatever their result.",
 		Buckets: DurationBuckets,
 	}, []string{"engine", "type", "state", "mode"})
+	m.batch = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "docstate_batch_size",
+		Help:    "Document writes (results and claims) per group commit request (_bulk_docs).",
+		Buckets: BatchSizeBuckets,
+	}, []string{"engine"})
+	m.flush = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "docstate_batch_flush_seconds",
+		Help:    "Duration of group commit requests (_bulk_docs round trip, with any single-PUT fallbacks), by result: ok or failed (the whole request failed).",
+		Buckets: DurationBuckets,
+	}, []string{"engine", "result"})
 	m.emails = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "docstate_emails_sent_total",
 		Help: "Mails handed to the SMTP relay by result: ok, temporary (4xx or network, retried), permanent (5xx), other.",
@@ -84,7 +100,7 @@ func New(version string, opts ...Option) *Metrics {
 		m.emails.WithLabelValues(m.engine, r)
 	}
 	m.engines = newEngineCollector()
-	m.reg.MustRegister(build, m.runs, m.duration, m.emails, m.engines)
+	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.engines)
 	m.handler = promhttp.InstrumentMetricHandler(m.reg, promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		Registry:          m.reg,
 		ErrorHandling:     promhttp.ContinueOnError,
@@ -107,6 +123,24 @@ func (m *Metrics) observe(engine string, r workflow.RunInfo) {
 	mode := r.Mode.String()
 	m.runs.WithLabelValues(engine, r.Type, r.State, mode, r.Result).Inc()
 	m.duration.WithLabelValues(engine, r.Type, r.State, mode).Observe(r.Duration.Seconds())
+}
+
+// OnFlush records one group commit under the engine label given to New.
+// Pass it as workflow.Options.OnFlush; it does not block.
+func (m *Metrics) OnFlush(f workflow.FlushInfo) { m.observeFlush(m.engine, f) }
+
+// OnFlushFor returns an OnFlush func with its own engine label.
+func (m *Metrics) OnFlushFor(engine string) func(workflow.FlushInfo) {
+	return func(f workflow.FlushInfo) { m.observeFlush(engine, f) }
+}
+
+func (m *Metrics) observeFlush(engine string, f workflow.FlushInfo) {
+	result := "ok"
+	if f.Err != nil {
+		result = "failed"
+	}
+	m.batch.WithLabelValues(engine).Observe(float64(f.Docs))
+	m.flush.WithLabelValues(engine, result).Observe(f.Duration.Seconds())
 }
 
 // EmailSent counts one mail attempt: result is EmailOK, EmailTemporary or
@@ -202,6 +236,7 @@ var statDescs = []statDesc{
 	simple("docstate_changes_received_total", "Changes feed rows received.", counter, func(s *workflow.Stats) int64 { return s.ChangesReceived }),
 	simple("docstate_transitions_total", "Handler results written to documents.", counter, func(s *workflow.Stats) int64 { return s.Transitions }),
 	simple("docstate_noops_total", "Handler results that changed nothing and were not written.", counter, func(s *workflow.Stats) int64 { return s.Noops }),
+	simple("docstate_batched_writes_total", "Document writes sent through group commit (_bulk_docs).", counter, func(s *workflow.Stats) int64 { return s.BatchedWrites }),
 	simple("docstate_conflicts_total", "Writes rejected with 409 because the document moved on.", counter, func(s *workflow.Stats) int64 { return s.Conflicts }),
 	claim("won", func(s *workflow.Stats) int64 { return s.ClaimsWon }),
 	claim("lost", func(s *workflow.Stats) int64 { return s.ClaimsLost }),

@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -423,5 +424,47 @@ func TestConcurrentScrapesAndRuns(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(m.runs.WithLabelValues("docstate", "order", "new", "safe", "ok")); got != 800 {
 		t.Errorf("runs = %v, want 800", got)
+	}
+}
+
+func TestOnFlushRecordsBatchSizeAndFlushLatencyByResult(t *testing.T) {
+	m := New("test")
+	m.OnFlush(workflow.FlushInfo{Docs: 200, Duration: 20 * time.Millisecond})
+	m.OnFlush(workflow.FlushInfo{Docs: 3, Duration: time.Second, Err: errors.New("connection refused")})
+	m.OnFlushFor("other")(workflow.FlushInfo{Docs: 1, Duration: time.Millisecond})
+	mfs, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]uint64{}
+	var sizeSum float64
+	for _, mf := range mfs {
+		for _, mt := range mf.GetMetric() {
+			h := mt.GetHistogram()
+			if h == nil || !strings.HasPrefix(mf.GetName(), "docstate_batch_") {
+				continue
+			}
+			key := mf.GetName()
+			for _, l := range mt.GetLabel() {
+				key += "," + l.GetName() + "=" + l.GetValue()
+			}
+			got[key] = h.GetSampleCount()
+			if mf.GetName() == "docstate_batch_size" && strings.Contains(key, "engine=docstate") {
+				sizeSum = h.GetSampleSum()
+			}
+		}
+	}
+	want := map[string]uint64{
+		"docstate_batch_size,engine=docstate":                        2,
+		"docstate_batch_size,engine=other":                           1,
+		"docstate_batch_flush_seconds,engine=docstate,result=ok":     1,
+		"docstate_batch_flush_seconds,engine=docstate,result=failed": 1,
+		"docstate_batch_flush_seconds,engine=other,result=ok":        1,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("series %v, want %v", got, want)
+	}
+	if sizeSum != 203 {
+		t.Fatalf("batch size sum %v, want 203", sizeSum)
 	}
 }
