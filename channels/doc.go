@@ -1,12 +1,77 @@
 // Package channels is the built-in handler set for per-user channels: a
-// channel is a CouchDB database shared by all of a user's devices. For a
-// channel document (type "channel") the daemon creates the database, sets
-// and verifies its _security so only the members' device users and roles
-// can read it, writes its description document, and wires replication to
-// every active device of every member; removed members and deleted channels
-// are deprovisioned.
+// channel is a CouchDB database shared by the devices of its owner and its
+// members. For a channel document in the control database the daemon
+// creates the database, claims it with a description document, sets its
+// _security to the members' device roles and reads it back to prove it
+// took, and writes a subscription document for every active device of every
+// member, which the device reads to start its own replication. Removed
+// members are revoked, and deleted channels deprovisioned.
 //
-// The handlers are specified in issue 4 and DESIGN.md ("Channels"); this
-// package holds no code until they are built, and the daemon registers no
-// channel handlers until then.
+// # Flow
+//
+// An application (as a server admin: the devices validation function
+// refuses other document types from devices) writes into the control
+// database:
+//
+//	{"_id": "<any>", "type": "channel", "state": "new",
+//	 "owner": "alice@example.com", "name": "Family Photos",
+//	 "members": ["bob@example.com"]}
+//
+//	new ──(database created, claimed, secured, verified)──▶ ready ──(delete_requested)──▶ deleting ──▶ deleted
+//	 └─(invalid fields, name collision, retries used up)──▶ error (engine; reason in docstate.error)
+//
+// # States
+//
+//   - new: Safe. Validates owner (a bare email address), name (1–200 bytes
+//     of UTF-8 without control characters) and members (at most
+//     MaxMembers addresses); any problem is terminal with a reason naming
+//     the field. Derives the database name (DBName), creates it (412: it
+//     exists, fine), writes the description document "channel" into it
+//     unless one written for another channel document is there (then the
+//     same owner has a channel of that name: terminal, "already belongs to
+//     channel document …"), sets _security and reads it back, and moves to
+//     ready with database, url and member_roles recorded.
+//   - ready: Safe. Re-applies _security from the current owner and members
+//     (so removing a member revokes them), and makes the subscriptions
+//     exactly one per active device whose owner_role is a member's: new
+//     ones are written, stale ones updated, ones of removed members or
+//     revoked devices deleted. It stays, waking every ReconcileInterval, so
+//     a device activated later gets every existing channel within that
+//     interval. delete_requested: true moves it to deleting.
+//   - deleting: Safe. Deletes every subscription of the channel, then the
+//     database (OnDelete "delete") or archives it ("archive": members set
+//     to the _admin role, which no user has, so only server admins read
+//     it; an empty members list would make it public in CouchDB). Then
+//     deleted, a terminal state.
+//
+// Every step is idempotent (create-if-absent, set-and-verify, stable ids,
+// compare-and-swap), so the handlers are Safe: a repeat after a crash, or
+// the same document handled by two daemons at once, changes nothing twice.
+//
+// # Security model
+//
+// _security admits the roles devices.OwnerRole(owner) and OwnerRole(m) for
+// every member — the one role each active device's _users entry has — with
+// no names and no database admins (server admins, the daemon among them,
+// always pass). A device of someone else gets 401/403 on every read and
+// write. The database is claimed by its description document before
+// _security is set, so a colliding channel document never gets its members
+// onto another channel's database. Between creation and the _security write
+// CouchDB 3 databases are admin-only by default (PouchDB Server's are open
+// for that moment).
+//
+// # Subscriptions
+//
+// Subscription documents (type "subscription", id SubscriptionID(channel
+// doc, device doc)) live in the control database: channel, device,
+// owner_role, couch_user, database, url (PublicURL/<database> when set) and
+// direction "both". Their ids are stable, so two daemons write the same
+// documents. A device finds its own by owner_role or device and replicates
+// the channel both ways with its own credentials; once it is revoked or its
+// owner removed, its subscription disappears and _security refuses it.
+//
+// Hard-deleting a channel document (_deleted) instead of setting
+// delete_requested leaves its database and subscriptions behind: the engine
+// never sees deleted documents' fields. Renaming a ready channel does not
+// move its database.
 package channels

@@ -129,7 +129,7 @@ func New(opts Options) (*Devices, error) {
 		errs = append(errs, fmt.Errorf("secret must be at least %d bytes", MinSecretLen))
 	}
 	domain := ""
-	if err := checkEmail(opts.From); err != nil {
+	if err := CheckEmail(opts.From); err != nil {
 		errs = append(errs, fmt.Errorf("from: %w", err))
 	} else {
 		domain = opts.From[strings.LastIndexByte(opts.From, '@')+1:]
@@ -275,10 +275,10 @@ func UserName(docID, salt string) string {
 	return "device-" + hex.EncodeToString(sum[:20])
 }
 
-// checkEmail accepts a bare ASCII address as net/mail parses it: no display
+// CheckEmail accepts a bare ASCII address as net/mail parses it: no display
 // name, no comments, no spaces or control characters (header injection),
 // at most 254 bytes.
-func checkEmail(s string) error {
+func CheckEmail(s string) error {
 	if s == "" {
 		return errors.New("is empty")
 	}

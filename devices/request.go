@@ -89,7 +89,7 @@ func (d *Devices) parseRequest(doc *workflow.Doc) (request, error) {
 	if err := stringField(doc, FieldOwner, &r.owner); err != nil {
 		return invalid("%v", err)
 	}
-	if err := checkEmail(r.owner); err != nil {
+	if err := CheckEmail(r.owner); err != nil {
 		return invalid("%s %v", FieldOwner, err)
 	}
 	if err := stringField(doc, FieldDeviceName, &r.deviceName); err != nil {

@@ -47,12 +47,12 @@ func TestTemplatesOverrideAndCheck(t *testing.T) {
 
 func TestCheckEmail(t *testing.T) {
 	for _, ok := range []string{"a@example.com", "a.b+c@sub.example.org"} {
-		if err := checkEmail(ok); err != nil {
+		if err := CheckEmail(ok); err != nil {
 			t.Errorf("%s: %v", ok, err)
 		}
 	}
 	for _, bad := range []string{"", "a", "a@", "@b", "a b@c", "a@b\r\nBcc: x@y", "A <a@b>", "ä@b.c", "a@b@c", strings.Repeat("x", 65) + "@b.c"} {
-		if err := checkEmail(bad); err == nil {
+		if err := CheckEmail(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
 	}

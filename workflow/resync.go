@@ -2,6 +2,7 @@ package workflow
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -69,11 +70,25 @@ func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error)
 	return n, err
 }
 
-// forEachID calls fn with every id matching selector, a page at a time in
-// _id order. Paging by _id rather than skip keeps each page's cost flat;
-// Mango can sort by _id without an index of ours, so nothing is created in
-// the database.
+// forEachID calls fn with every id matching selector.
 func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn func(id string)) (int, error) {
+	return FindEach(ctx, db, selector, []string{"_id"}, func(doc json.RawMessage) error {
+		var d struct {
+			ID string `json:"_id"`
+		}
+		if json.Unmarshal(doc, &d) == nil && d.ID != "" {
+			fn(d.ID)
+		}
+		return nil
+	})
+}
+
+// FindEach calls fn with every document matching the Mango selector (only
+// fields, which must include "_id"; nil: whole documents), a page at a time in _id order, and
+// returns how many it passed. Paging by _id rather than skip keeps each
+// page's cost flat; Mango can sort by _id without an index, so nothing is
+// created in the database. An error from fn stops the scan and is returned.
+func FindEach(ctx context.Context, db *kivik.DB, selector map[string]any, fields []string, fn func(doc json.RawMessage) error) (int, error) {
 	total, last := 0, ""
 	for {
 		sel := make(map[string]any, len(selector)+1)
@@ -81,12 +96,15 @@ func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn fu
 			sel[k] = v
 		}
 		sel["_id"] = map[string]any{"$gt": last}
-		rows := db.Find(ctx, map[string]any{
+		query := map[string]any{
 			"selector": sel,
-			"fields":   []string{"_id"},
 			"sort":     []map[string]string{{"_id": "asc"}},
 			"limit":    scanPage,
-		})
+		}
+		if fields != nil {
+			query["fields"] = fields
+		}
+		rows := db.Find(ctx, query)
 		// Iterator, not rows.ScanDoc: see poll for the race it avoids.
 		n := 0
 		var err error
@@ -95,15 +113,18 @@ func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn fu
 				err = rowErr
 				break
 			}
+			var doc jsonDoc
 			var d struct {
 				ID string `json:"_id"`
 			}
-			if row.ScanDoc(&d) != nil || d.ID == "" {
+			if row.ScanDoc(&doc) != nil || json.Unmarshal(doc, &d) != nil || d.ID == "" {
 				continue
 			}
-			fn(d.ID)
 			last = d.ID
 			n++
+			if err = fn(json.RawMessage(doc)); err != nil {
+				break
+			}
 		}
 		_ = rows.Close()
 		total += n
