@@ -13,13 +13,24 @@ const redactedValue = "[redacted]"
 // dotted keys listed by Keys, so yaml.Marshal(cfg.Redacted()) prints a file
 // that Load accepts again.
 type Config struct {
-	CouchDB  CouchDB `yaml:"couchdb"`
-	Database string  `yaml:"database"`
-	Engine   Engine  `yaml:"engine"`
-	Log      Log     `yaml:"log"`
-	HTTP     HTTP    `yaml:"http"`
-	SMTP     SMTP    `yaml:"smtp"`
-	Devices  Devices `yaml:"devices"`
+	CouchDB  CouchDB  `yaml:"couchdb"`
+	Database string   `yaml:"database"`
+	Engine   Engine   `yaml:"engine"`
+	Log      Log      `yaml:"log"`
+	HTTP     HTTP     `yaml:"http"`
+	SMTP     SMTP     `yaml:"smtp"`
+	Devices  Devices  `yaml:"devices"`
+	Channels Channels `yaml:"channels"`
+}
+
+// Channels configures per-user channels (package channels).
+type Channels struct {
+	Enabled           bool          `yaml:"enabled"`
+	Prefix            string        `yaml:"prefix"`
+	PublicURL         string        `yaml:"public_url"`
+	OnDelete          string        `yaml:"on_delete"`
+	ReconcileInterval time.Duration `yaml:"reconcile_interval"`
+	MaxMembers        int           `yaml:"max_members"`
 }
 
 // SMTP is the relay that sends device confirmation mail.
@@ -149,6 +160,12 @@ func Default() Config {
 			AddressSends:   5,
 			AddressWindow:  time.Hour,
 			MaxIterations:  1000000,
+		},
+		Channels: Channels{
+			Prefix:            "channel-",
+			OnDelete:          "delete",
+			ReconcileInterval: time.Minute,
+			MaxMembers:        100,
 		},
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/docstate/docstate/channels"
 )
 
 // envPrefix starts the environment variable of every key.
@@ -356,5 +358,25 @@ func keyTable() []key {
 		newKey("devices.templates_dir",
 			"directory with subject.txt, body.txt, body.html overriding the built-in mail templates; empty = built-in",
 			func(c *Config) *string { return &c.Devices.TemplatesDir }, stringCodec(), nil),
+		newKey("channels.enabled",
+			"register the channel handlers: per-user channel databases, secured, with device subscriptions",
+			func(c *Config) *bool { return &c.Channels.Enabled }, boolCodec(), nil),
+		newKey("channels.prefix",
+			"start of every channel database name: a lowercase letter, then a-z 0-9 _$()+-/; at most 173 bytes",
+			func(c *Config) *string { return &c.Channels.Prefix }, stringCodec(),
+			func(_ *Config, v string) error { return channels.CheckPrefix(v) }),
+		newKey("channels.public_url",
+			"server URL as devices reach it, written into subscriptions as <url>/<database>; empty = database name only",
+			func(c *Config) *string { return &c.Channels.PublicURL }, stringCodec(), checkBaseURL),
+		newKey("channels.on_delete",
+			"what a deleted channel's database becomes: delete, or archive (kept, server admins only)",
+			func(c *Config) *string { return &c.Channels.OnDelete }, stringCodec(), oneOf("delete", "archive")),
+		newKey("channels.reconcile_interval",
+			"how often a ready channel re-checks _security and subscriptions (devices activated since get it); 1s..24h",
+			func(c *Config) *time.Duration { return &c.Channels.ReconcileInterval }, durationCodec(),
+			durationBetween(time.Second, 24*time.Hour)),
+		newKey("channels.max_members",
+			"most member addresses a channel may list; 1..10000",
+			func(c *Config) *int { return &c.Channels.MaxMembers }, intCodec(), intBetween(1, 10000)),
 	}
 }

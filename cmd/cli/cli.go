@@ -49,7 +49,8 @@ type Options struct {
 }
 
 // Builtin returns docstate's built-in handler sets that the configuration
-// enables: device registration with devices.enabled.
+// enables: device registration with devices.enabled, per-user channels
+// with channels.enabled.
 func Builtin(env Env) ([]handlers.Set, error) {
 	var sets []handlers.Set
 	if env.Config.Devices.Enabled {
@@ -58,6 +59,13 @@ func Builtin(env Env) ([]handlers.Set, error) {
 			return nil, err
 		}
 		sets = append(sets, d)
+	}
+	if env.Config.Channels.Enabled {
+		c, err := newChannels(env)
+		if err != nil {
+			return nil, err
+		}
+		sets = append(sets, c)
 	}
 	return sets, nil
 }

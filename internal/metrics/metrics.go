@@ -53,6 +53,7 @@ type Metrics struct {
 	batch    *prometheus.HistogramVec
 	flush    *prometheus.HistogramVec
 	emails   *prometheus.CounterVec
+	channels *prometheus.CounterVec
 	engines  *engineCollector
 	handler  http.Handler
 }
@@ -96,11 +97,16 @@ func New(version string, opts ...Option) *Metrics {
 		Name: "docstate_emails_sent_total",
 		Help: "Mails handed to the SMTP relay by result: ok, temporary (4xx or network, retried), permanent (5xx), other.",
 	}, []string{"engine", "result"})
+	m.channels = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "docstate_channels_provisioned_total",
+		Help: "Channel databases created (or found) and secured, their _security read back and verified.",
+	}, []string{"engine"})
+	m.channels.WithLabelValues(m.engine)
 	for _, r := range []string{EmailOK, EmailTemporary, EmailPermanent} {
 		m.emails.WithLabelValues(m.engine, r)
 	}
 	m.engines = newEngineCollector()
-	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.engines)
+	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.channels, m.engines)
 	m.handler = promhttp.InstrumentMetricHandler(m.reg, promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		Registry:          m.reg,
 		ErrorHandling:     promhttp.ContinueOnError,
@@ -142,6 +148,9 @@ func (m *Metrics) observeFlush(engine string, f workflow.FlushInfo) {
 	m.batch.WithLabelValues(engine).Observe(float64(f.Docs))
 	m.flush.WithLabelValues(engine, result).Observe(f.Duration.Seconds())
 }
+
+// ChannelProvisioned counts one channel database provisioned and verified.
+func (m *Metrics) ChannelProvisioned() { m.channels.WithLabelValues(m.engine).Inc() }
 
 // EmailSent counts one mail attempt: result is EmailOK, EmailTemporary or
 // EmailPermanent; any other value is counted as "other".

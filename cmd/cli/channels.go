@@ -1,0 +1,36 @@
+package cli
+
+import (
+	"github.com/docstate/docstate/channels"
+	"github.com/docstate/docstate/handlers"
+)
+
+// channelSet is the per-user channels handler set, as the daemon runs it.
+type channelSet struct{ *channels.Channels }
+
+var _ handlers.Set = channelSet{}
+
+func (channelSet) Name() string { return "channels" }
+
+// newChannels builds the channel set from the configuration.
+func newChannels(env Env) (channelSet, error) {
+	cfg := env.Config.Channels
+	opts := channels.Options{
+		Client:            env.Client,
+		DB:                env.DB,
+		Prefix:            cfg.Prefix,
+		PublicURL:         cfg.PublicURL,
+		OnDelete:          cfg.OnDelete,
+		ReconcileInterval: cfg.ReconcileInterval,
+		MaxMembers:        cfg.MaxMembers,
+		Logger:            env.Logger,
+	}
+	if env.metrics != nil {
+		opts.OnProvisioned = env.metrics.ChannelProvisioned
+	}
+	c, err := channels.New(opts)
+	if err != nil {
+		return channelSet{}, err
+	}
+	return channelSet{c}, nil
+}
