@@ -236,7 +236,7 @@ func rewrite(ctx context.Context, db *kivik.DB, reg *Registry, ids []string, typ
 				Type string `json:"type"`
 			}
 			_ = json.Unmarshal(raw, &peek)
-			doc, err := parseDoc(raw, map[string]bool{peek.Type: true})
+			doc, err := parseDoc(raw, func(t string) bool { return t == peek.Type })
 			if err != nil {
 				return out, fmt.Errorf("%s: %w", id, err)
 			}

@@ -202,11 +202,25 @@ type invalidError struct {
 
 func (e *invalidError) Error() string { return e.reason }
 
+// NewDoc parses a document's JSON as the engine would hand it to a
+// handler, for testing handlers without a server. It returns an error for
+// everything the engine would skip or record as invalid: no string _id,
+// type or non-empty state, a design or local document, or a malformed
+// "docstate" field.
+func NewDoc(raw []byte) (*Doc, error) {
+	d, err := parseDoc(raw, func(string) bool { return true })
+	if err != nil {
+		return nil, err
+	}
+	d.Attempt = d.meta.forState(d.State).Attempts + 1
+	return d, nil
+}
+
 // parseDoc decodes raw into a Doc. hasType says whether a type has handlers.
 // It returns errNotOurs for foreign documents and *invalidError for documents
 // of a handled type with a malformed state or engine field; fields is set
 // even then, so the reason can be recorded.
-func parseDoc(raw []byte, hasType map[string]bool) (*Doc, error) {
+func parseDoc(raw []byte, hasType func(string) bool) (*Doc, error) {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &fields); err != nil {
 		return nil, fmt.Errorf("%w: body is not a JSON object: %v", errNotOurs, err)
@@ -226,7 +240,7 @@ func parseDoc(raw []byte, hasType map[string]bool) (*Doc, error) {
 	if err := unmarshalString(typRaw, &d.Type); err != nil {
 		return nil, fmt.Errorf("%w: type is not a string", errNotOurs)
 	}
-	if !hasType[d.Type] {
+	if !hasType(d.Type) {
 		return nil, fmt.Errorf("%w: no handlers for type %q", errNotOurs, d.Type)
 	}
 	if metaRaw, ok := fields[metaField]; ok && !bytes.Equal(metaRaw, []byte("null")) {

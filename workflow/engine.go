@@ -253,6 +253,9 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 	return e, nil
 }
 
+// hasType reports whether a type has handlers.
+func (e *Engine) hasType(t string) bool { return e.types[t] }
+
 // Owner returns the id this engine writes into claims.
 func (e *Engine) Owner() string { return e.opts.Owner }
 

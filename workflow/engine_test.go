@@ -411,8 +411,10 @@ func TestRecreatedDatabaseStartsOverFromZero(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	// PouchDB Server answers 412 after a delete while the engine's open
 	// longpoll still holds the old database, whose feed never answers: until
-	// the request's deadline (1.5 × feed timeout + 5s) ends it.
-	workflowtest.Eventually(t, 30*time.Second, "database created again", func() (bool, string) {
+	// the request's deadline (1.5 × feed timeout + 5s) ends it. On a loaded
+	// machine the engine's next request can catch the old database again,
+	// hence several deadlines' worth of waiting.
+	workflowtest.Eventually(t, 60*time.Second, "database created again", func() (bool, string) {
 		err := client.CreateDB(ctx, db.Name())
 		if err != nil && !couch.IsPreconditionFailed(err) {
 			t.Fatal(err)

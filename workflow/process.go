@@ -104,7 +104,7 @@ func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
 // evaluate decides from the document's current type and state what to do.
 // conflict means a write lost to a newer revision: read again and repeat.
 func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int) (outcome, bool) {
-	doc, err := parseDoc(raw, e.types)
+	doc, err := parseDoc(raw, e.hasType)
 	if doc != nil {
 		*read = revGeneration(doc.Rev)
 	}
@@ -239,7 +239,7 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 			}
 			continue
 		}
-		fresh, err := parseDoc(raw, e.types)
+		fresh, err := parseDoc(raw, e.hasType)
 		c := (*Claim)(nil)
 		if err == nil && fresh.State == doc.State && fresh.meta.State == doc.State {
 			c = fresh.meta.Claim
