@@ -5,6 +5,7 @@ import (
 	"net/mail"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,11 +20,15 @@ type MockOptions struct {
 	// Reject421 lists recipients refused with "421 Service not available"
 	// (temporary).
 	Reject421 []string
+	// Port to listen on; 0 picks a free one. A test that stops a mock and
+	// starts another on the same port simulates a relay going away.
+	Port int
 }
 
 // Mock is an in-process SMTP server on 127.0.0.1.
 type Mock struct {
-	srv *smtpmock.Server
+	srv      *smtpmock.Server
+	stopOnce sync.Once
 }
 
 // StartMock starts a mock SMTP server on a free loopback port and stops it
@@ -37,16 +42,24 @@ func StartMock(tb testing.TB, opts MockOptions) *Mock {
 		NotRegisteredEmails:      opts.Reject550,
 		BlacklistedRcpttoEmails:  opts.Reject421,
 		SessionTimeout:           30,
+		PortNumber:               opts.Port,
 	})
 	if err := srv.Start(); err != nil {
 		tb.Fatalf("mailtest: start mock SMTP server: %v", err)
 	}
-	tb.Cleanup(func() {
-		if err := srv.Stop(); err != nil {
+	m := &Mock{srv: srv}
+	tb.Cleanup(func() { m.Stop(tb) })
+	return m
+}
+
+// Stop stops the server: connections are refused until another mock
+// starts on its port. Stopping twice is fine.
+func (m *Mock) Stop(tb testing.TB) {
+	m.stopOnce.Do(func() {
+		if err := m.srv.Stop(); err != nil {
 			tb.Logf("mailtest: stop mock SMTP server: %v", err)
 		}
 	})
-	return &Mock{srv: srv}
 }
 
 // Host is the server's address without the port.
