@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	kivik "github.com/go-kivik/kivik/v4"
 	"strconv"
 	"strings"
 	"time"
@@ -152,7 +153,13 @@ type Doc struct {
 	fields map[string]json.RawMessage
 	raw    []byte
 	meta   Meta
+	db     *kivik.DB
 }
+
+// DB returns the database the document was read from: in many-database
+// mode each user's database is another one. It is nil for a Doc from
+// NewDoc.
+func (d *Doc) DB() *kivik.DB { return d.db }
 
 // Decode unmarshals the whole document into v.
 func (d *Doc) Decode(v any) error {

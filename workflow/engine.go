@@ -253,6 +253,11 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 	return e, nil
 }
 
+// NextDue returns the earliest time a document waits for (a retry, a
+// wake-up, a claim's expiry), zero when none does. A supervisor that stops
+// an idle engine starts it again then.
+func (e *Engine) NextDue() time.Time { return e.q.nextDue() }
+
 // hasType reports whether a type has handlers.
 func (e *Engine) hasType(t string) bool { return e.types[t] }
 

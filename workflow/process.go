@@ -107,6 +107,7 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int) (outcome, 
 	doc, err := parseDoc(raw, e.hasType)
 	if doc != nil {
 		*read = revGeneration(doc.Rev)
+		doc.db = e.db
 	}
 	var invalid *invalidError
 	switch {
@@ -240,6 +241,9 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 			continue
 		}
 		fresh, err := parseDoc(raw, e.hasType)
+		if fresh != nil {
+			fresh.db = e.db
+		}
 		c := (*Claim)(nil)
 		if err == nil && fresh.State == doc.State && fresh.meta.State == doc.State {
 			c = fresh.meta.Claim

@@ -207,6 +207,19 @@ func (q *queue) delayedLen() int {
 	return len(q.scheduled)
 }
 
+// nextDue returns the earliest time an id waits for (zero: none).
+func (q *queue) nextDue() time.Time {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var first time.Time
+	for _, at := range q.scheduled {
+		if first.IsZero() || at.Before(first) {
+			first = at
+		}
+	}
+	return first
+}
+
 // close stops handing out ids and wakes every waiting worker.
 func (q *queue) close() {
 	q.mu.Lock()

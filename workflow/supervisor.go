@@ -1,0 +1,566 @@
+package workflow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couch"
+)
+
+// SupervisorOptions configure many-database mode. Zero values take the
+// defaults named per field.
+type SupervisorOptions struct {
+	// Patterns select the databases to watch: path.Match globs over
+	// database names, e.g. "userctl-*". System databases (starting with
+	// "_") never match.
+	Patterns []string
+	// MaxOpen bounds the engines running at once, hence the feeds and
+	// their connections (default 32). Databases with work wait their turn.
+	MaxOpen int
+	// DiscoveryInterval is how often _all_dbs is listed and each watched
+	// database's update_seq compared with the one its engine left it at
+	// (default 10s): work is noticed within it.
+	DiscoveryInterval time.Duration
+	// IdleStop stops an engine that had nothing to do for this long
+	// (default 30s); its checkpoint is saved and its next due time kept.
+	IdleStop time.Duration
+	// Turn is how long an engine may keep its slot while other databases
+	// wait for one (default 1m); it yields and queues again behind them.
+	Turn time.Duration
+	// Engine configures each database's engine. Its Logger is the
+	// supervisor's too.
+	Engine Options
+	// Concurrency bounds the database info requests of one discovery
+	// (default 8).
+	Concurrency int
+}
+
+func (o *SupervisorOptions) setDefaults() error {
+	if o.MaxOpen == 0 {
+		o.MaxOpen = 32
+	}
+	if o.DiscoveryInterval == 0 {
+		o.DiscoveryInterval = 10 * time.Second
+	}
+	if o.IdleStop == 0 {
+		o.IdleStop = 30 * time.Second
+	}
+	if o.Turn == 0 {
+		o.Turn = time.Minute
+	}
+	if o.Concurrency == 0 {
+		o.Concurrency = 8
+	}
+	var errs []error
+	if len(o.Patterns) == 0 {
+		errs = append(errs, errors.New("at least one database pattern is required"))
+	}
+	for _, p := range o.Patterns {
+		if _, err := path.Match(p, ""); err != nil || p == "" {
+			errs = append(errs, fmt.Errorf("database pattern %q is not a valid glob", p))
+		}
+	}
+	if o.MaxOpen < 1 || o.Concurrency < 1 || o.DiscoveryInterval < 10*time.Millisecond || o.IdleStop <= 0 || o.Turn <= 0 {
+		errs = append(errs, errors.New("max open and concurrency must be positive, intervals positive"))
+	}
+	if err := o.Engine.setDefaults(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Supervisor runs the handlers over many databases: one engine per
+// database with work, at most MaxOpen at once. It learns which databases
+// changed by listing _all_dbs and comparing each matching database's
+// update_seq with the one its engine left it at (PouchDB Server has no
+// /_db_updates, and a catch-up scan is needed after any gap anyway). Each
+// database keeps its own checkpoint; an engine stopped while documents
+// wait for a timer (a retry, a wake-up) is started again when the earliest
+// is due, and the due time is stored in the database's
+// _local/docstate-<name>-due document so a restart of the daemon keeps it.
+type Supervisor struct {
+	client *kivik.Client
+	reg    *Registry
+	opts   SupervisorOptions
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	dbs     map[string]*watchedDB
+	waiting []string
+	running map[string]*runningDB
+	// finished holds the summed counters of engines that stopped.
+	finished Stats
+
+	exited chan string
+	// lastScan is when discovery last succeeded (unix ns); scanErr the
+	// last discovery error, nil after a success.
+	lastScan atomic.Int64
+	scanErr  atomic.Pointer[error]
+
+	scans, started, stopped, maxRunning atomic.Int64
+}
+
+// watchedDB is what the supervisor remembers of one database.
+type watchedDB struct {
+	seen    string    // update_seq when its engine last stopped caught up ("" unknown)
+	due     time.Time // when a stopped engine's earliest timer is due
+	waiting bool      // in the waiting list
+}
+
+type runningDB struct {
+	eng      *Engine
+	cancel   context.CancelFunc
+	started  time.Time
+	idle     time.Time // since when it has had nothing to do (zero: busy)
+	yield    bool      // stopped to give its slot to others
+	stopping bool      // cancelled; nextDue is set
+	nextDue  time.Time // its earliest timer, read as it was stopped
+}
+
+// NewSupervisor checks opts and returns a supervisor of the databases of
+// client (an admin client: it lists _all_dbs) matching opts.Patterns.
+func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) (*Supervisor, error) {
+	if client == nil || reg == nil {
+		return nil, errors.New("workflow: client and registry are required")
+	}
+	if err := opts.setDefaults(); err != nil {
+		return nil, fmt.Errorf("workflow supervisor options: %w", err)
+	}
+	return &Supervisor{
+		client: client, reg: reg, opts: opts,
+		log:     opts.Engine.Logger.With("engine", opts.Engine.Name),
+		dbs:     map[string]*watchedDB{},
+		running: map[string]*runningDB{},
+		exited:  make(chan string, opts.MaxOpen),
+	}, nil
+}
+
+// Matches reports whether the supervisor watches database name.
+func (s *Supervisor) Matches(name string) bool {
+	if name == "" || name[0] == '_' {
+		return false
+	}
+	for _, p := range s.opts.Patterns {
+		if ok, _ := path.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// Run watches the databases until ctx ends, then stops every engine (each
+// drains and saves its checkpoint) and returns nil.
+func (s *Supervisor) Run(ctx context.Context) error {
+	s.log.Info("many-database mode: discovery by _all_dbs and update_seq",
+		"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "interval", s.opts.DiscoveryInterval)
+	var engines sync.WaitGroup
+	defer engines.Wait()
+	scan := time.NewTicker(s.opts.DiscoveryInterval)
+	defer scan.Stop()
+	tick := time.NewTicker(min(time.Second, s.opts.IdleStop/2, s.opts.DiscoveryInterval))
+	defer tick.Stop()
+	s.discover(ctx)
+	s.fill(ctx, &engines)
+	for {
+		select {
+		case <-ctx.Done():
+			s.mu.Lock()
+			for _, r := range s.running {
+				r.cancel()
+			}
+			s.mu.Unlock()
+			return nil
+		case <-scan.C:
+			s.discover(ctx)
+		case <-tick.C:
+			s.reap()
+		case name := <-s.exited:
+			s.onExit(ctx, name)
+		}
+		s.fill(ctx, &engines)
+	}
+}
+
+// discover lists the databases, drops the ones gone, and queues those
+// whose update_seq moved since their engine left them, or whose earliest
+// due time passed.
+func (s *Supervisor) discover(ctx context.Context) {
+	s.scans.Add(1)
+	names, err := s.client.AllDBs(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.scanErr.Store(&err)
+			s.log.Warn("database discovery failed", "err", err)
+		}
+		return
+	}
+	var matched []string
+	present := make(map[string]bool, len(names))
+	for _, n := range names {
+		if s.Matches(n) {
+			matched = append(matched, n)
+			present[n] = true
+		}
+	}
+	s.mu.Lock()
+	for name := range s.dbs {
+		if !present[name] {
+			s.log.Info("database gone; no longer watched", "db", name)
+			delete(s.dbs, name)
+			if r := s.running[name]; r != nil {
+				r.cancel()
+			}
+		}
+	}
+	s.mu.Unlock()
+
+	// Each database's update_seq, a bounded number of requests at a time.
+	type info struct {
+		name, seq string
+		err       error
+	}
+	work := make(chan string)
+	results := make(chan info)
+	var askers sync.WaitGroup
+	for range s.opts.Concurrency {
+		askers.Go(func() {
+			for name := range work {
+				st, err := s.client.DB(name).Stats(ctx)
+				r := info{name: name, err: err}
+				if err == nil {
+					r.seq = st.UpdateSeq
+				}
+				results <- r
+			}
+		})
+	}
+	go func() {
+		defer close(work)
+		for _, n := range matched {
+			select {
+			case work <- n:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	go func() { askers.Wait(); close(results) }()
+	now := time.Now()
+	var failed int
+	for r := range results {
+		if r.err != nil {
+			if !couch.IsNotFound(r.err) {
+				failed++
+			}
+			continue
+		}
+		s.mu.Lock()
+		w, known := s.dbs[r.name]
+		_, running := s.running[r.name]
+		s.mu.Unlock()
+		if !known {
+			// First sight (at start, or a new database): it has work if
+			// changes follow its checkpoint or its stored due time passed.
+			w = &watchedDB{}
+			if idle, due := s.firstLook(ctx, r.name); idle {
+				w.seen, w.due = r.seq, due
+			}
+			s.mu.Lock()
+			s.dbs[r.name] = w
+			s.mu.Unlock()
+		}
+		s.mu.Lock()
+		pending := w.seen != r.seq || (!w.due.IsZero() && !w.due.After(now))
+		s.mu.Unlock()
+		if pending && !running {
+			s.enqueue(r.name)
+		}
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	if failed > 0 {
+		err := fmt.Errorf("%d of %d databases could not be read", failed, len(matched))
+		s.scanErr.Store(&err)
+		s.log.Warn("database discovery incomplete", "err", err)
+	} else {
+		s.scanErr.Store(nil)
+	}
+	s.lastScan.Store(time.Now().UnixNano())
+}
+
+// enqueue puts name at the back of the waiting list, once.
+func (s *Supervisor) enqueue(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.dbs[name]
+	if w == nil || w.waiting {
+		return
+	}
+	w.waiting = true
+	s.waiting = append(s.waiting, name)
+}
+
+// fill starts engines for waiting databases while slots are free.
+func (s *Supervisor) fill(ctx context.Context, engines *sync.WaitGroup) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ctx.Err() == nil && len(s.running) < s.opts.MaxOpen && len(s.waiting) > 0 {
+		name := s.waiting[0]
+		s.waiting = s.waiting[1:]
+		w := s.dbs[name]
+		if w == nil {
+			continue // gone meanwhile
+		}
+		w.waiting = false
+		opts := s.opts.Engine
+		opts.Logger = s.opts.Engine.Logger
+		eng, err := New(s.client.DB(name), s.reg, opts)
+		if err != nil {
+			s.log.Error("cannot start engine", "db", name, "err", err)
+			continue
+		}
+		ectx, cancel := context.WithCancel(ctx)
+		r := &runningDB{eng: eng, cancel: cancel, started: time.Now()}
+		s.running[name] = r
+		s.started.Add(1)
+		if n := int64(len(s.running)); n > s.maxRunning.Load() {
+			s.maxRunning.Store(n)
+		}
+		engines.Go(func() {
+			if err := eng.Run(ectx); err != nil {
+				s.log.Warn("engine stopped with an error", "db", name, "err", err)
+			}
+			s.exited <- name
+		})
+	}
+}
+
+// reap stops engines idle for IdleStop, and engines past their turn while
+// others wait.
+func (s *Supervisor) reap() {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, r := range s.running {
+		st := r.eng.Stats()
+		idle := st.Queued == 0 && st.Inflight == 0 && st.Pending == 0 && r.eng.Ready() == nil
+		switch {
+		case !idle:
+			r.idle = time.Time{}
+		case r.idle.IsZero():
+			r.idle = now
+		}
+		stop := !r.idle.IsZero() && now.Sub(r.idle) >= s.opts.IdleStop
+		if !stop && len(s.waiting) > 0 && now.Sub(r.started) >= s.opts.Turn {
+			stop, r.yield = true, true
+		}
+		if stop && !r.stopping {
+			r.stopping, r.nextDue = true, r.eng.NextDue()
+			s.log.Debug("stopping engine", "db", name, "idle", !r.idle.IsZero(), "yield", r.yield)
+			r.cancel()
+		}
+	}
+}
+
+// onExit records what a stopped engine left: the database's update_seq as
+// it stopped (a later scan compares against it) and its earliest due time.
+func (s *Supervisor) onExit(ctx context.Context, name string) {
+	s.mu.Lock()
+	r := s.running[name]
+	delete(s.running, name)
+	w := s.dbs[name]
+	if r != nil {
+		s.stopped.Add(1)
+		addStats(&s.finished, r.eng.Stats())
+		// Gauges describe running engines only.
+		s.finished.Inflight, s.finished.Queued, s.finished.Delayed, s.finished.Pending = 0, 0, 0, 0
+	}
+	s.mu.Unlock()
+	if r == nil || w == nil || ctx.Err() != nil {
+		return
+	}
+	due := r.nextDue
+	// Caught up: remember the update_seq now, so only a change after this
+	// starts it again. A yielded engine still has work: queue it again.
+	var seq string
+	if st, err := s.client.DB(name).Stats(ctx); err == nil && !r.yield {
+		seq = st.UpdateSeq
+	}
+	s.mu.Lock()
+	w.seen, w.due = seq, due
+	s.mu.Unlock()
+	s.saveDue(ctx, name, due)
+	if r.yield || seq == "" {
+		s.enqueue(name)
+	}
+}
+
+// dueDocID keeps a stopped engine's earliest due time in its database.
+func dueDocID(name string) string { return checkpointID(name) + "-due" }
+
+// saveDue stores (or clears) the earliest due time of a database whose
+// engine stopped, so that a restarted daemon starts its engine in time.
+func (s *Supervisor) saveDue(ctx context.Context, name string, due time.Time) {
+	db := s.client.DB(name)
+	id := dueDocID(s.opts.Engine.Name)
+	var cur struct {
+		Rev string `json:"_rev"`
+		Due *Stamp `json:"due"`
+	}
+	err := db.Get(ctx, id).ScanDoc(&cur)
+	if err != nil && !couch.IsNotFound(err) {
+		return
+	}
+	if cur.Due.time().Equal(due.UTC().Truncate(time.Millisecond)) && (cur.Rev != "" || due.IsZero()) {
+		return
+	}
+	doc := map[string]any{"due": stamp(due)}
+	if cur.Rev != "" {
+		doc["_rev"] = cur.Rev
+	}
+	if _, err := db.Put(ctx, id, doc); err != nil {
+		s.log.Debug("due time not saved", "db", name, "err", err)
+	}
+}
+
+// firstLook decides whether a database seen for the first time needs an
+// engine: not when no change follows its checkpoint (the checkpoint only
+// passes finished work) and its stored due time, returned, has not come.
+func (s *Supervisor) firstLook(ctx context.Context, name string) (idle bool, due time.Time) {
+	db := s.client.DB(name)
+	var cp checkpointDoc
+	if err := db.Get(ctx, checkpointID(s.opts.Engine.Name)).ScanDoc(&cp); err != nil || cp.Seq == "" {
+		return false, time.Time{}
+	}
+	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": cp.Seq, "limit": 1}))
+	more := false
+	for _, err := range rows.Iterator() {
+		if err != nil {
+			_ = rows.Close()
+			return false, time.Time{}
+		}
+		more = true
+	}
+	_ = rows.Close()
+	if more {
+		return false, time.Time{}
+	}
+	var stored struct {
+		Due *Stamp `json:"due"`
+	}
+	if err := db.Get(ctx, dueDocID(s.opts.Engine.Name)).ScanDoc(&stored); err != nil && !couch.IsNotFound(err) {
+		return false, time.Time{}
+	}
+	return true, stored.Due.time()
+}
+
+// Ready reports whether discovery works: the last one succeeded within
+// three intervals (plus the feed deadline's slack).
+func (s *Supervisor) Ready() error {
+	last := s.lastScan.Load()
+	if last == 0 {
+		return errors.New("databases not discovered yet")
+	}
+	if err := s.scanErr.Load(); err != nil {
+		return fmt.Errorf("database discovery is failing: %w", *err)
+	}
+	if age, limit := time.Since(time.Unix(0, last)), 3*s.opts.DiscoveryInterval+30*time.Second; age > limit {
+		return fmt.Errorf("no successful database discovery for %v", age.Round(time.Second))
+	}
+	return nil
+}
+
+// SupervisorStats describes the many-database mode now.
+type SupervisorStats struct {
+	Watched    int   // databases matching the patterns
+	Open       int   // engines (feeds) running now
+	MaxOpen    int64 // the most engines that ran at once
+	Waiting    int   // databases with work waiting for a slot
+	Scans      int64 // discoveries
+	Started    int64 // engines started
+	Stopped    int64 // engines stopped (idle, yielded or database gone)
+	Discovery  string
+	LastSweep  time.Time
+	EngineSums Stats // every engine's counters summed, stopped ones included
+}
+
+// SupervisorStats returns the supervisor's counters now.
+func (s *Supervisor) SupervisorStats() SupervisorStats {
+	s.mu.Lock()
+	st := SupervisorStats{
+		Watched: len(s.dbs), Open: len(s.running), Waiting: len(s.waiting),
+		MaxOpen: s.maxRunning.Load(), Scans: s.scans.Load(), Started: s.started.Load(), Stopped: s.stopped.Load(),
+		Discovery: "all_dbs", EngineSums: s.finished,
+	}
+	for _, r := range s.running {
+		addStats(&st.EngineSums, r.eng.Stats())
+	}
+	s.mu.Unlock()
+	if t := s.lastScan.Load(); t != 0 {
+		st.LastSweep = time.Unix(0, t)
+	}
+	return st
+}
+
+// Stats returns every engine's counters summed, stopped ones included, so
+// metrics built for one engine describe the whole supervisor. Gauges
+// (Inflight, Queued, Delayed, Pending) cover the running engines only.
+func (s *Supervisor) Stats() Stats {
+	st := s.SupervisorStats()
+	return st.EngineSums
+}
+
+// addStats adds b's counters to a. Gauges are added too: the caller sums
+// running engines only into a fresh Stats for those to be right.
+func addStats(a *Stats, b Stats) {
+	a.ChangesReceived += b.ChangesReceived
+	a.Runs += b.Runs
+	a.RunErrors += b.RunErrors
+	a.Panics += b.Panics
+	a.Transitions += b.Transitions
+	a.Noops += b.Noops
+	a.Conflicts += b.Conflicts
+	a.ClaimsWon += b.ClaimsWon
+	a.ClaimsLost += b.ClaimsLost
+	a.ClaimsHeld += b.ClaimsHeld
+	a.ClaimsTakenOver += b.ClaimsTakenOver
+	a.ClaimsExpired += b.ClaimsExpired
+	a.ResultsDropped += b.ResultsDropped
+	a.RetriesScheduled += b.RetriesScheduled
+	a.Failed += b.Failed
+	a.Invalid += b.Invalid
+	a.Skipped += b.Skipped
+	a.Transient += b.Transient
+	a.FeedRequests += b.FeedRequests
+	a.FeedErrors += b.FeedErrors
+	a.FeedResets += b.FeedResets
+	a.CheckpointsSaved += b.CheckpointsSaved
+	a.ResyncQueued += b.ResyncQueued
+	a.Batches += b.Batches
+	a.BatchedWrites += b.BatchedWrites
+	a.Inflight += b.Inflight
+	a.Queued += b.Queued
+	a.Delayed += b.Delayed
+	a.Pending += b.Pending
+	if b.CheckpointSaved.After(a.CheckpointSaved) {
+		a.CheckpointSaved = b.CheckpointSaved
+	}
+	if b.FeedContact.After(a.FeedContact) {
+		a.FeedContact = b.FeedContact
+	}
+}
+
+// String names the watched databases' count, for logs.
+func (s SupervisorStats) String() string {
+	return strconv.Itoa(s.Watched) + " databases, " + strconv.Itoa(s.Open) + " open"
+}

@@ -1,0 +1,243 @@
+package workflow_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
+)
+
+// supervisorOptions are short intervals for tests.
+func supervisorOptions(t testing.TB, pattern string) workflow.SupervisorOptions {
+	return workflow.SupervisorOptions{
+		Patterns:          []string{pattern},
+		MaxOpen:           8,
+		DiscoveryInterval: 200 * time.Millisecond,
+		IdleStop:          300 * time.Millisecond,
+		Turn:              2 * time.Second,
+		Engine:            workflowtest.Options(t),
+	}
+}
+
+// makeDBs creates n databases named prefix-NNNN, each with the docs of
+// seed(i). They are not deleted afterwards: PouchDB Server crashes when a
+// database is deleted while it still answers a longpoll on it, and the
+// package's server goes away with the test binary.
+func makeDBs(t testing.TB, client *kivik.Client, prefix string, n int, seed func(i int) []any) []*kivik.DB {
+	t.Helper()
+	var dbs []*kivik.DB
+	for i := range n {
+		name := fmt.Sprintf("%s-%04d", prefix, i)
+		if err := client.CreateDB(context.Background(), name); err != nil {
+			t.Fatal(err)
+		}
+		db := client.DB(name)
+		if docs := seed(i); len(docs) > 0 {
+			if _, err := db.BulkDocs(context.Background(), docs); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dbs = append(dbs, db)
+	}
+	return dbs
+}
+
+func uniquePrefix(t testing.TB, base string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return base + hex.EncodeToString(b[:])
+}
+
+func runSupervisor(t testing.TB, client *kivik.Client, reg *workflow.Registry, opts workflow.SupervisorOptions) *workflow.Supervisor {
+	t.Helper()
+	sup, err := workflow.NewSupervisor(client, reg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sup.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("supervisor: %v", err)
+		}
+	})
+	return sup
+}
+
+func countDone(t testing.TB, dbs []*kivik.DB) int {
+	n := 0
+	for _, db := range dbs {
+		n += states(t, db)["done"]
+	}
+	return n
+}
+
+// 200 databases with a trickle of work: every one is handled, later
+// changes are noticed within a few discovery intervals, and never more
+// engines (feeds) run at once than the cap.
+func TestSupervisorHandlesManyDatabasesWithinTheCap(t *testing.T) {
+	client := couchtest.Client(t)
+	prefix := uniquePrefix(t, "sup-many-")
+	const n = 200
+	dbs := makeDBs(t, client, prefix, n, func(i int) []any {
+		return []any{map[string]any{"_id": "a", "type": "job", "state": "new"}}
+	})
+	// A database that does not match is left alone.
+	other := makeDBs(t, client, uniquePrefix(t, "sup-other-"), 1, func(int) []any {
+		return []any{map[string]any{"_id": "a", "type": "job", "state": "new"}}
+	})
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
+	opts := supervisorOptions(t, prefix+"-*")
+	sup := runSupervisor(t, client, reg, opts)
+	began := time.Now()
+	workflowtest.Eventually(t, 120*time.Second, "every database handled", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == n, fmt.Sprintf("%d of %d; %+v", d, n, sup.SupervisorStats())
+	})
+	t.Logf("%d databases handled in %v", n, time.Since(began).Round(time.Millisecond))
+
+	// A trickle: one new document in 20 databases, after the engines went idle.
+	workflowtest.Eventually(t, 30*time.Second, "engines idle and stopped", func() (bool, string) {
+		st := sup.SupervisorStats()
+		return st.Open == 0, fmt.Sprint(st)
+	})
+	written := time.Now()
+	for i := 0; i < n; i += 10 {
+		if _, err := dbs[i].Put(context.Background(), "b", map[string]any{"type": "job", "state": "new"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	workflowtest.Eventually(t, 60*time.Second, "trickle handled", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == n+n/10, fmt.Sprint(d)
+	})
+	st := sup.SupervisorStats()
+	t.Logf("trickle of %d docs in %d databases handled %v after writing; %d engines started, at most %d at once (cap %d), %d discoveries",
+		n/10, n/10, time.Since(written).Round(time.Millisecond), st.Started, st.MaxOpen, opts.MaxOpen, st.Scans)
+	if st.MaxOpen > int64(opts.MaxOpen) || st.MaxOpen == 0 {
+		t.Fatalf("%d engines ran at once, cap %d", st.MaxOpen, opts.MaxOpen)
+	}
+	if st.Watched != n {
+		t.Fatalf("watching %d databases, want %d", st.Watched, n)
+	}
+	if got := states(t, other[0])["new"]; got != 1 {
+		t.Fatalf("a database outside the pattern was handled")
+	}
+	if err := sup.Ready(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Three daemons (supervisors with their own owners) over the same 40
+// databases: every unsafe document runs exactly once.
+func TestSupervisorsShareDatabasesUnsafeOnce(t *testing.T) {
+	client := couchtest.Client(t)
+	prefix := uniquePrefix(t, "sup-share-")
+	const n, per = 40, 5
+	dbs := makeDBs(t, client, prefix, n, func(i int) []any {
+		var docs []any
+		for j := range per {
+			docs = append(docs, map[string]any{"_id": fmt.Sprintf("m%d", j), "type": "mail", "state": "new"})
+		}
+		return docs
+	})
+	execs := newCounter()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "mail", State: "new", Mode: workflow.Unsafe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			execs.inc(doc.DB().Name() + "/" + doc.ID)
+			return workflow.Transition("done"), nil
+		})})
+	for i := range 3 {
+		opts := supervisorOptions(t, prefix+"-*")
+		opts.Engine.Owner = fmt.Sprintf("daemon-%d", i)
+		runSupervisor(t, client, reg, opts)
+	}
+	workflowtest.Eventually(t, 120*time.Second, "all done", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == n*per, fmt.Sprint(d)
+	})
+	for _, db := range dbs {
+		for j := range per {
+			if c := execs.get(fmt.Sprintf("%s/m%d", db.Name(), j)); c != 1 {
+				t.Errorf("%s/m%d ran %d times", db.Name(), j, c)
+			}
+		}
+	}
+}
+
+// A document waiting for a wake-up in a database whose engine went idle and
+// stopped is handled when the wake-up is due, though nothing changed.
+func TestSupervisorRestartsAnEngineWhenAWakeUpIsDue(t *testing.T) {
+	client := couchtest.Client(t)
+	prefix := uniquePrefix(t, "sup-due-")
+	dbs := makeDBs(t, client, prefix, 1, func(int) []any {
+		return []any{map[string]any{"_id": "w", "type": "timer", "state": "new"}}
+	})
+	var runs atomic.Int64
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "timer", State: "new", Mode: workflow.Safe,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			if runs.Add(1) == 1 {
+				return workflow.Stay().Set("waiting", true).WakeAt(time.Now().Add(3 * time.Second)), nil
+			}
+			return workflow.Transition("done"), nil
+		})})
+	sup := runSupervisor(t, client, reg, supervisorOptions(t, prefix+"-*"))
+	workflowtest.Eventually(t, 30*time.Second, "engine stopped while waiting", func() (bool, string) {
+		st := sup.SupervisorStats()
+		return runs.Load() == 1 && st.Stopped >= 1 && st.Open == 0, fmt.Sprint(st)
+	})
+	workflowtest.Eventually(t, 30*time.Second, "woken and done", func() (bool, string) {
+		return states(t, dbs[0])["done"] == 1, fmt.Sprint(runs.Load())
+	})
+}
+
+// A watched database deleted and created again under the same name: no
+// crash, and the new database's documents are all handled: the old
+// checkpoint is not applied to it.
+func TestSupervisorRecreatedDatabaseStartsOver(t *testing.T) {
+	client := couchtest.Client(t)
+	prefix := uniquePrefix(t, "sup-recreate-")
+	seed := func(n int) []any {
+		var docs []any
+		for j := range n {
+			docs = append(docs, map[string]any{"_id": fmt.Sprintf("j%02d", j), "type": "job", "state": "new"})
+		}
+		return docs
+	}
+	dbs := makeDBs(t, client, prefix, 1, func(int) []any { return seed(20) })
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
+	sup := runSupervisor(t, client, reg, supervisorOptions(t, prefix+"-*"))
+	workflowtest.Eventually(t, 30*time.Second, "first database done and idle", func() (bool, string) {
+		st := sup.SupervisorStats()
+		return states(t, dbs[0])["done"] == 20 && st.Open == 0, fmt.Sprint(st)
+	})
+	ctx := context.Background()
+	if err := client.DestroyDB(ctx, dbs[0].Name()); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.CreateDB(ctx, dbs[0].Name()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dbs[0].BulkDocs(ctx, seed(3)); err != nil {
+		t.Fatal(err)
+	}
+	workflowtest.Eventually(t, 30*time.Second, "new database's documents done", func() (bool, string) {
+		st := states(t, dbs[0])
+		return st["done"] == 3, fmt.Sprint(st)
+	})
+}
