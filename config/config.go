@@ -13,14 +13,38 @@ const redactedValue = "[redacted]"
 // dotted keys listed by Keys, so yaml.Marshal(cfg.Redacted()) prints a file
 // that Load accepts again.
 type Config struct {
-	CouchDB  CouchDB  `yaml:"couchdb"`
-	Database string   `yaml:"database"`
-	Engine   Engine   `yaml:"engine"`
-	Log      Log      `yaml:"log"`
-	HTTP     HTTP     `yaml:"http"`
-	SMTP     SMTP     `yaml:"smtp"`
-	Devices  Devices  `yaml:"devices"`
-	Channels Channels `yaml:"channels"`
+	CouchDB   CouchDB   `yaml:"couchdb"`
+	Database  string    `yaml:"database"`
+	Engine    Engine    `yaml:"engine"`
+	Log       Log       `yaml:"log"`
+	HTTP      HTTP      `yaml:"http"`
+	SMTP      SMTP      `yaml:"smtp"`
+	Devices   Devices   `yaml:"devices"`
+	Channels  Channels  `yaml:"channels"`
+	Databases Databases `yaml:"databases"`
+}
+
+// Databases configures many-database mode (workflow.Supervisor): with
+// Patterns set, every database whose name matches is watched instead of
+// Database.
+type Databases struct {
+	// Patterns is a comma-separated list of globs, e.g. "userctl-*".
+	Patterns          string        `yaml:"patterns"`
+	MaxOpen           int           `yaml:"max_open"`
+	DiscoveryInterval time.Duration `yaml:"discovery_interval"`
+	IdleStop          time.Duration `yaml:"idle_stop"`
+	Turn              time.Duration `yaml:"turn"`
+}
+
+// PatternList returns Patterns split at commas, blanks trimmed.
+func (d Databases) PatternList() []string {
+	var out []string
+	for _, p := range strings.Split(d.Patterns, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // Channels configures per-user channels (package channels).
@@ -160,6 +184,12 @@ func Default() Config {
 			AddressSends:   5,
 			AddressWindow:  time.Hour,
 			MaxIterations:  1000000,
+		},
+		Databases: Databases{
+			MaxOpen:           32,
+			DiscoveryInterval: 10 * time.Second,
+			IdleStop:          30 * time.Second,
+			Turn:              time.Minute,
 		},
 		Channels: Channels{
 			Prefix:            "channel-",

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/mail"
 	"net/url"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -316,6 +317,26 @@ func checkBaseURL(_ *Config, v string) error {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
 		u.User != nil || u.RawQuery != "" || u.Fragment != "" {
 		return fmt.Errorf("must be an absolute http(s) URL without credentials, query or fragment, got %q", v)
+	}
+	return nil
+}
+
+// checkPatterns wants valid globs, and the single-database mode for the
+// built-in sets, which keep their documents in the one control database.
+func checkPatterns(c *Config, v string) error {
+	if v == "" {
+		return nil
+	}
+	for _, p := range c.Databases.PatternList() {
+		if _, err := path.Match(p, ""); err != nil {
+			return fmt.Errorf("%q is not a valid glob: %w", p, err)
+		}
+	}
+	if len(c.Databases.PatternList()) == 0 {
+		return fmt.Errorf("no pattern in %q", v)
+	}
+	if c.Devices.Enabled || c.Channels.Enabled {
+		return errors.New("devices.enabled and channels.enabled need the single-database mode: leave databases.patterns empty")
 	}
 	return nil
 }

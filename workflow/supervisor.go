@@ -145,11 +145,15 @@ func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) 
 }
 
 // Matches reports whether the supervisor watches database name.
-func (s *Supervisor) Matches(name string) bool {
+func (s *Supervisor) Matches(name string) bool { return MatchDatabase(s.opts.Patterns, name) }
+
+// MatchDatabase reports whether database name matches one of the
+// path.Match globs; system databases (starting with "_") never do.
+func MatchDatabase(patterns []string, name string) bool {
 	if name == "" || name[0] == '_' {
 		return false
 	}
-	for _, p := range s.opts.Patterns {
+	for _, p := range patterns {
 		if ok, _ := path.Match(p, name); ok {
 			return true
 		}

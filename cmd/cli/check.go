@@ -4,12 +4,14 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	kivik "github.com/go-kivik/kivik/v4"
 	"github.com/spf13/cobra"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow"
 )
 
 func newCheckCmd(g *globals, opts Options) *cobra.Command {
@@ -49,7 +51,23 @@ problem and exits non-zero if there is any.`,
 				}
 				return errProblems
 			}
-			if _, err := db.Stats(ctx); err != nil {
+			if patterns := cfg.Databases.PatternList(); len(patterns) > 0 {
+				// Many-database mode: the databases come and go; list the
+				// ones there now.
+				names, err := client.AllDBs(ctx)
+				if err != nil {
+					fmt.Fprintf(out, "databases: cannot list _all_dbs (an admin right): %v\n", err)
+					return errProblems
+				}
+				n := 0
+				for _, name := range names {
+					if workflow.MatchDatabase(patterns, name) {
+						n++
+					}
+				}
+				fmt.Fprintf(out, "couchdb: ok (%s); many-database mode: %d databases match %s now, discovery by _all_dbs every %v\n",
+					cfg.CouchDB.URL, n, strings.Join(patterns, ","), cfg.Databases.DiscoveryInterval)
+			} else if _, err := db.Stats(ctx); err != nil {
 				problems++
 				switch kivik.HTTPStatus(err) {
 				case http.StatusNotFound:

@@ -44,7 +44,7 @@ type notifier struct {
 
 // systemdNotifier returns the notifier for the engine, or nil when the
 // process was not started by systemd with a notify socket.
-func systemdNotifier(log *slog.Logger, eng *workflow.Engine, database string) *notifier {
+func systemdNotifier(log *slog.Logger, eng follower, database string) *notifier {
 	if os.Getenv("NOTIFY_SOCKET") == "" {
 		return nil
 	}

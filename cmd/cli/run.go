@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -71,8 +72,36 @@ func EngineOptions(cfg config.Config) workflow.Options {
 	}
 }
 
-// build makes the handler sets, registry and engine for cfg.
-func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.Registry, *workflow.Engine, error) {
+// follower is what run drives: one engine on the database, or in
+// many-database mode a supervisor of engines.
+type follower interface {
+	Run(ctx context.Context) error
+	Ready() error
+	Stats() workflow.Stats
+}
+
+var (
+	_ follower = (*workflow.Engine)(nil)
+	_ follower = (*workflow.Supervisor)(nil)
+)
+
+// SupervisorOptions maps the configuration onto many-database mode's
+// options; ok is false in single-database mode.
+func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
+	d := cfg.Databases
+	patterns := d.PatternList()
+	return workflow.SupervisorOptions{
+		Patterns:          patterns,
+		MaxOpen:           d.MaxOpen,
+		DiscoveryInterval: d.DiscoveryInterval,
+		IdleStop:          d.IdleStop,
+		Turn:              d.Turn,
+		Engine:            EngineOptions(cfg),
+	}, len(patterns) > 0
+}
+
+// build makes the handler sets, registry and follower for cfg.
+func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.Registry, follower, error) {
 	sets, err := opts.Sets(env)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("handler sets: %w", err)
@@ -87,11 +116,27 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 		eopts.OnRun = env.metrics.OnRun
 		eopts.OnFlush = env.metrics.OnFlush
 	}
+	if sopts, many := SupervisorOptions(cfg); many {
+		sopts.Engine = eopts
+		sup, err := workflow.NewSupervisor(env.Client, reg, sopts)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return sets, reg, sup, nil
+	}
 	eng, err := workflow.New(env.DB, reg, eopts)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	return sets, reg, eng, nil
+}
+
+// watching names what the daemon follows, for logs and systemd's status.
+func watching(cfg config.Config) string {
+	if p := cfg.Databases.PatternList(); len(p) > 0 {
+		return "databases " + strings.Join(p, ",")
+	}
+	return cfg.Database
 }
 
 func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Command) error {
@@ -110,6 +155,9 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	}
 	m.WatchEngine(cfg.Engine.Name, eng.Stats)
 	m.WatchReady(cfg.Engine.Name, eng.Ready)
+	if sup, ok := eng.(*workflow.Supervisor); ok {
+		m.WatchSupervisor(cfg.Engine.Name, sup.SupervisorStats)
+	}
 	mux.Handle("GET /metrics", m.Handler())
 	if err := provision(ctx, sets); err != nil {
 		return err
@@ -117,7 +165,7 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	if reg.Len() == 0 {
 		log.Warn("no handlers registered: the daemon will follow the feed but do nothing")
 	}
-	log.Info("docstate starting", "version", version(), "couchdb", cfg.CouchDB.URL, "database", cfg.Database, "handlers", reg.Len())
+	log.Info("docstate starting", "version", version(), "couchdb", cfg.CouchDB.URL, "watching", watching(cfg), "handlers", reg.Len())
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -142,7 +190,7 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	// was told STOPPING=1, so the notice comes before the drain.
 	engCtx, stopEngine := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopEngine()
-	ntf := systemdNotifier(log, eng, cfg.Database)
+	ntf := systemdNotifier(log, eng, watching(cfg))
 	wg.Go(func() { ntf.run(engCtx) })
 	wg.Go(func() {
 		select {
@@ -177,7 +225,7 @@ func provision(ctx context.Context, sets []handlers.Set) error {
 }
 
 // listen opens the listener for health checks and the sets' pages.
-func listen(addr string, mux *http.ServeMux, eng *workflow.Engine) (*http.Server, net.Listener, error) {
+func listen(addr string, mux *http.ServeMux, eng follower) (*http.Server, net.Listener, error) {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})

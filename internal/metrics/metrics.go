@@ -177,6 +177,49 @@ func (m *Metrics) WatchReady(name string, ready func() error) {
 	m.engines.set(name, func(w *watched) { w.ready = ready })
 }
 
+// WatchSupervisor exports many-database mode's state under engine=name:
+// databases watched, engines open and waiting, discoveries. stats is
+// called once per scrape. No database name is ever a label.
+func (m *Metrics) WatchSupervisor(name string, stats func() workflow.SupervisorStats) {
+	m.reg.MustRegister(supervisorCollector{name: name, stats: stats})
+}
+
+var (
+	dbWatchedDesc = prometheus.NewDesc("docstate_databases_watched",
+		"Databases matching databases.patterns (many-database mode).", []string{"engine"}, nil)
+	dbOpenDesc = prometheus.NewDesc("docstate_databases_open",
+		"Database engines (feeds) running now; at most databases.max_open.", []string{"engine"}, nil)
+	dbWaitingDesc = prometheus.NewDesc("docstate_databases_waiting",
+		"Databases with work waiting for an engine slot.", []string{"engine"}, nil)
+	dbDiscoveriesDesc = prometheus.NewDesc("docstate_database_discoveries_total",
+		"Discoveries (_all_dbs listings with update_seq comparison).", []string{"engine"}, nil)
+	dbStartedDesc = prometheus.NewDesc("docstate_database_engines_started_total",
+		"Database engines started.", []string{"engine"}, nil)
+	dbStoppedDesc = prometheus.NewDesc("docstate_database_engines_stopped_total",
+		"Database engines stopped: idle, yielding their slot, or database gone.", []string{"engine"}, nil)
+)
+
+type supervisorCollector struct {
+	name  string
+	stats func() workflow.SupervisorStats
+}
+
+func (c supervisorCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{dbWatchedDesc, dbOpenDesc, dbWaitingDesc, dbDiscoveriesDesc, dbStartedDesc, dbStoppedDesc} {
+		ch <- d
+	}
+}
+
+func (c supervisorCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.stats()
+	ch <- prometheus.MustNewConstMetric(dbWatchedDesc, gauge, float64(s.Watched), c.name)
+	ch <- prometheus.MustNewConstMetric(dbOpenDesc, gauge, float64(s.Open), c.name)
+	ch <- prometheus.MustNewConstMetric(dbWaitingDesc, gauge, float64(s.Waiting), c.name)
+	ch <- prometheus.MustNewConstMetric(dbDiscoveriesDesc, counter, float64(s.Scans), c.name)
+	ch <- prometheus.MustNewConstMetric(dbStartedDesc, counter, float64(s.Started), c.name)
+	ch <- prometheus.MustNewConstMetric(dbStoppedDesc, counter, float64(s.Stopped), c.name)
+}
+
 // Handler serves the registry in the Prometheus text (or OpenMetrics)
 // format, and counts its own scrapes.
 func (m *Metrics) Handler() http.Handler { return m.handler }
