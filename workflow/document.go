@@ -154,6 +154,8 @@ type Doc struct {
 	raw    []byte
 	meta   Meta
 	db     *kivik.DB
+	// claimedGen is the revision generation this run's claim wrote.
+	claimedGen int
 }
 
 // DB returns the database the document was read from: in many-database

@@ -199,6 +199,9 @@ type Engine struct {
 	// (max_pending); progress is when a run last finished (unix ns).
 	backpressured atomic.Bool
 	progress      atomic.Int64
+	// startScanned is set once the start scan queued its documents;
+	// caughtUp while the last feed request returned less than a batch.
+	startScanned, caughtUp atomic.Bool
 }
 
 // New returns an engine for db running reg's handlers. Spec fields left zero
@@ -251,6 +254,15 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 	}
 	e.cp = &checkpointer{db: db, id: checkpointID(opts.Name), owner: opts.Owner}
 	return e, nil
+}
+
+// Idle reports whether the engine has nothing to do now: its start scan
+// is done, its feed is caught up and healthy, and no document is queued,
+// running or unfinished. Documents waiting for a timer do not count (see
+// NextDue).
+func (e *Engine) Idle() bool {
+	return e.startScanned.Load() && e.caughtUp.Load() && e.feedErr.Load() == nil && e.feedContact.Load() != 0 &&
+		e.q.len() == 0 && e.stats.inflight.Load() == 0 && e.tr.pending() == 0
 }
 
 // NextDue returns the earliest time a document waits for (a retry, a

@@ -42,6 +42,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			e.feedErr.Store(nil)
 			since = next
 			failures = 0
+			e.caughtUp.Store(rows < e.opts.FeedBatch)
 			if rows < e.opts.FeedBatch && !sleep(ctx, e.opts.FeedLinger) {
 				return
 			}

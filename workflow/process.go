@@ -67,6 +67,7 @@ func (e *Engine) process(ctx context.Context, w work) {
 func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 	raw, read := w.hint, 0
 	for range maxRounds {
+		fromHint := raw != nil
 		if raw == nil {
 			var err error
 			raw, err = e.read(ctx, w.id)
@@ -78,7 +79,7 @@ func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 				return transient, 0
 			}
 		}
-		out, conflict := e.evaluate(ctx, raw, &read)
+		out, conflict := e.evaluate(ctx, raw, &read, fromHint)
 		if !conflict {
 			return out, read
 		}
@@ -103,7 +104,9 @@ func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
 
 // evaluate decides from the document's current type and state what to do.
 // conflict means a write lost to a newer revision: read again and repeat.
-func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int) (outcome, bool) {
+// fromHint says raw is the feed's body, which may be older than the
+// document on the server.
+func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint bool) (outcome, bool) {
 	doc, err := parseDoc(raw, e.hasType)
 	if doc != nil {
 		*read = revGeneration(doc.Rev)
@@ -139,7 +142,18 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int) (outcome, 
 	doc.Attempt = meta.Attempts + 1
 	doc.LastError = meta.LastError
 	if spec.Mode == Unsafe {
-		return e.runUnsafe(ctx, doc, spec, meta)
+		if c := meta.Claim; fromHint && c != nil && c.Expires.After(now) {
+			// A live claim in the feed's body may be long released on
+			// the server (our own claim's row, read back after the run):
+			// look at the server's copy before waiting out a lease.
+			return outcome{}, true
+		}
+		out, conflict := e.runUnsafe(ctx, doc, spec, meta)
+		// The run knows the revision its claim wrote: the feed's row for
+		// it (its body still showing the claim) must not bring the
+		// document back as held by a live claim of our own.
+		*read = max(*read, doc.claimedGen)
+		return out, conflict
 	}
 	res, herr := e.call(ctx, spec, doc)
 	if herr != nil {
@@ -193,6 +207,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		e.log.Warn("took over expired claim", "id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key)
 	}
 	e.stats.claimsWon.Add(1)
+	doc.claimedGen = revGeneration(rev)
 	if err := doc.reset(body, rev, meta); err != nil {
 		return e.fail(ctx, doc, spec, meta, err.Error(), meta.Attempts+1)
 	}

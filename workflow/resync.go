@@ -26,6 +26,7 @@ func (e *Engine) resyncLoop(ctx context.Context) {
 		}
 		e.log.Info("start scan done", "queued", n)
 	}
+	e.startScanned.Store(true)
 	tick := time.NewTicker(e.opts.ResyncInterval)
 	defer tick.Stop()
 	for {

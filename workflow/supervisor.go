@@ -170,7 +170,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer engines.Wait()
 	scan := time.NewTicker(s.opts.DiscoveryInterval)
 	defer scan.Stop()
-	tick := time.NewTicker(min(time.Second, s.opts.IdleStop/2, s.opts.DiscoveryInterval))
+	// Idle engines are looked for often: a slot held by an engine with
+	// nothing to do is a slot another database waits for.
+	tick := time.NewTicker(min(100*time.Millisecond, s.opts.IdleStop/2))
 	defer tick.Stop()
 	s.discover(ctx)
 	s.fill(ctx, &engines)
@@ -356,15 +358,16 @@ func (s *Supervisor) reap() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, r := range s.running {
-		st := r.eng.Stats()
-		idle := st.Queued == 0 && st.Inflight == 0 && st.Pending == 0 && r.eng.Ready() == nil
+		idle := r.eng.Idle()
 		switch {
 		case !idle:
 			r.idle = time.Time{}
 		case r.idle.IsZero():
 			r.idle = now
 		}
-		stop := !r.idle.IsZero() && now.Sub(r.idle) >= s.opts.IdleStop
+		// An idle engine keeps its slot for IdleStop, in case more comes;
+		// not while other databases wait for one.
+		stop := idle && (now.Sub(r.idle) >= s.opts.IdleStop || len(s.waiting) > 0)
 		if !stop && len(s.waiting) > 0 && now.Sub(r.started) >= s.opts.Turn {
 			stop, r.yield = true, true
 		}
