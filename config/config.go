@@ -34,6 +34,10 @@ type Databases struct {
 	DiscoveryInterval time.Duration `yaml:"discovery_interval"`
 	IdleStop          time.Duration `yaml:"idle_stop"`
 	Turn              time.Duration `yaml:"turn"`
+	// Shard of Shards: this daemon watches the databases whose name hashes
+	// to Shard modulo Shards (0 or 1 shards: all).
+	Shard  int `yaml:"shard"`
+	Shards int `yaml:"shards"`
 }
 
 // PatternList returns Patterns split at commas, blanks trimmed.

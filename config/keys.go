@@ -376,6 +376,18 @@ func keyTable() []key {
 			"how long a busy engine keeps its slot while other databases wait; 1s..24h",
 			func(c *Config) *time.Duration { return &c.Databases.Turn }, durationCodec(),
 			durationBetween(time.Second, 24*time.Hour)),
+		newKey("databases.shards",
+			"split the matching databases between this many daemons by a stable hash of the name; 0 or 1 = every daemon watches all; 0..1024",
+			func(c *Config) *int { return &c.Databases.Shards }, intCodec(), intBetween(0, 1024)),
+		newKey("databases.shard",
+			"this daemon's shard, 0..databases.shards-1",
+			func(c *Config) *int { return &c.Databases.Shard }, intCodec(),
+			func(c *Config, v int) error {
+				if v < 0 || (c.Databases.Shards > 1 && v >= c.Databases.Shards) || (c.Databases.Shards <= 1 && v != 0) {
+					return fmt.Errorf("must be in 0..%d (databases.shards - 1)", max(c.Databases.Shards-1, 0))
+				}
+				return nil
+			}),
 		newKey("channels.enabled",
 			"register the channel handlers: per-user channel databases, secured, with device subscriptions",
 			func(c *Config) *bool { return &c.Channels.Enabled }, boolCodec(), nil),

@@ -26,6 +26,7 @@ import (
 // concurrency (8 writers) in the same run:
 //
 //	go test -run '^$' -bench ManyDatabases -benchtime 2000x ./workflow/
+//	BENCH_SHARD=1 ...   # daemons split the databases by hash (databases.shard)
 //	BENCH_DBS=2000 go test -run '^$' -bench 'ManyDatabases/daemons=1$' -benchtime 4000x ./workflow/
 func BenchmarkManyDatabases(b *testing.B) {
 	nDBs := 200
@@ -68,15 +69,26 @@ func BenchmarkManyDatabases(b *testing.B) {
 				opts.DiscoveryInterval = 500 * time.Millisecond
 				opts.IdleStop = 2 * time.Second
 				opts.Engine.Owner = fmt.Sprintf("bench-daemon-%d", i)
+				if os.Getenv("BENCH_SHARD") != "" {
+					opts.Shard, opts.Shards = i, daemons
+				}
 				opts.Engine.CheckpointInterval = 5 * time.Second
 				opts.Engine.ResyncInterval = time.Minute // production's: the tests' 300ms is a scan per database 3 times a second
 				sups = append(sups, runSupervisor(b, client, reg, opts))
 			}
 			// Let discovery settle: every database seen once.
-			for _, s := range sups {
-				for s.SupervisorStats().Watched < nDBs {
-					time.Sleep(50 * time.Millisecond)
+			for {
+				watched := 0
+				for _, s := range sups {
+					watched += s.SupervisorStats().Watched
 				}
+				if os.Getenv("BENCH_SHARD") == "" {
+					watched /= daemons
+				}
+				if watched >= nDBs {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
 			}
 
 			b.ResetTimer()

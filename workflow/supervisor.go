@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"path"
 	"strconv"
@@ -42,6 +43,11 @@ type SupervisorOptions struct {
 	// Concurrency bounds the database info requests of one discovery
 	// (default 8).
 	Concurrency int
+	// Shard and Shards split the databases between daemons by a stable
+	// hash of the name: this daemon watches those whose hash modulo Shards
+	// is Shard. Shards 0 or 1 watches all. Daemons then never race for the
+	// same database, but a shard whose daemon is down waits for it.
+	Shard, Shards int
 }
 
 func (o *SupervisorOptions) setDefaults() error {
@@ -68,6 +74,9 @@ func (o *SupervisorOptions) setDefaults() error {
 		if _, err := path.Match(p, ""); err != nil || p == "" {
 			errs = append(errs, fmt.Errorf("database pattern %q is not a valid glob", p))
 		}
+	}
+	if o.Shards > 1 && (o.Shard < 0 || o.Shard >= o.Shards) {
+		errs = append(errs, fmt.Errorf("shard %d must be in 0..%d", o.Shard, o.Shards-1))
 	}
 	if o.MaxOpen < 1 || o.Concurrency < 1 || o.DiscoveryInterval < 10*time.Millisecond || o.IdleStop <= 0 || o.Turn <= 0 {
 		errs = append(errs, errors.New("max open and concurrency must be positive, intervals positive"))
@@ -144,8 +153,19 @@ func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) 
 	}, nil
 }
 
-// Matches reports whether the supervisor watches database name.
-func (s *Supervisor) Matches(name string) bool { return MatchDatabase(s.opts.Patterns, name) }
+// Matches reports whether the supervisor watches database name: it
+// matches a pattern and falls in this daemon's shard.
+func (s *Supervisor) Matches(name string) bool {
+	return MatchDatabase(s.opts.Patterns, name) && (s.opts.Shards <= 1 || ShardOf(name, s.opts.Shards) == s.opts.Shard)
+}
+
+// ShardOf is the shard of database name among shards: FNV-1a of the name
+// modulo shards, the same on every daemon and every start.
+func ShardOf(name string, shards int) int {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(name))
+	return int(h.Sum32() % uint32(shards))
+}
 
 // MatchDatabase reports whether database name matches one of the
 // path.Match globs; system databases (starting with "_") never do.

@@ -241,3 +241,40 @@ func TestSupervisorRecreatedDatabaseStartsOver(t *testing.T) {
 		return st["done"] == 3, fmt.Sprint(st)
 	})
 }
+
+// Sharded daemons split the databases: each watches only its shard, the
+// shards cover every database once, and all the work is done.
+func TestShardedSupervisorsSplitTheDatabases(t *testing.T) {
+	client := couchtest.Client(t)
+	prefix := uniquePrefix(t, "sup-shard-")
+	const n = 30
+	dbs := makeDBs(t, client, prefix, n, func(int) []any {
+		return []any{map[string]any{"_id": "a", "type": "job", "state": "new"}}
+	})
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
+	var sups []*workflow.Supervisor
+	for i := range 3 {
+		opts := supervisorOptions(t, prefix+"-*")
+		opts.Shard, opts.Shards = i, 3
+		sups = append(sups, runSupervisor(t, client, reg, opts))
+	}
+	workflowtest.Eventually(t, 60*time.Second, "all done", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == n, fmt.Sprint(d)
+	})
+	total := 0
+	for i, s := range sups {
+		w := s.SupervisorStats().Watched
+		total += w
+		if w == 0 || w == n {
+			t.Errorf("shard %d watches %d of %d databases", i, w, n)
+		}
+	}
+	if total != n {
+		t.Fatalf("shards watch %d databases in all, want %d", total, n)
+	}
+	if _, err := workflow.NewSupervisor(client, reg, workflow.SupervisorOptions{Patterns: []string{"x-*"}, Shard: 3, Shards: 3}); err == nil {
+		t.Fatal("shard 3 of 3 accepted")
+	}
+}

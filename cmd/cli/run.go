@@ -96,6 +96,8 @@ func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
 		DiscoveryInterval: d.DiscoveryInterval,
 		IdleStop:          d.IdleStop,
 		Turn:              d.Turn,
+		Shard:             d.Shard,
+		Shards:            d.Shards,
 		Engine:            EngineOptions(cfg),
 	}, len(patterns) > 0
 }
