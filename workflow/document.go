@@ -66,9 +66,12 @@ type Claim struct {
 	// Attempt counts claims taken in this state, 1-based.
 	Attempt int `json:"attempt"`
 	// Key is the idempotency key for side effects: "<doc id>/<state>/<n>".
-	// A takeover of an expired claim keeps the key, because the first run's
-	// outcome is unknown and a repeat must be recognisable as the same
-	// operation; a run after a recorded failure gets a new key.
+	// It names the operation, not the run: every run until one has its
+	// result written shares it, the takeover of an expired claim and the
+	// retry after a recorded failure alike, because an earlier run's side
+	// effect may have happened (a mail accepted, then the connection lost)
+	// and a repeat must be recognisable as the same operation. A new key
+	// comes only after a result was written.
 	Key string `json:"key"`
 	// Takeover is set when this claim replaced an expired one.
 	Takeover bool `json:"takeover,omitempty"`
@@ -106,6 +109,10 @@ type Meta struct {
 	// that stays would be re-triggered by its own write, forever.
 	Settled int    `json:"settled,omitempty"`
 	Updated *Stamp `json:"updated,omitempty"`
+	// Key is the idempotency key of the state's unsafe operation that has
+	// no result written yet: set with the first claim, kept through failed
+	// runs and takeovers (see Claim.Key), cleared with the result.
+	Key string `json:"key,omitempty"`
 }
 
 // forState returns the meta that applies to state: stale fields are dropped.

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"reflect"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -155,7 +156,12 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 		*read = max(*read, doc.claimedGen)
 		return out, conflict
 	}
+	release, err := e.acquireSlot(ctx)
+	if err != nil {
+		return transient, false
+	}
 	res, herr := e.call(ctx, spec, doc)
+	release()
 	if herr != nil {
 		return e.recordFailure(ctx, doc, spec, meta, herr)
 	}
@@ -171,7 +177,10 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		Expires: Stamp{now.Add(spec.Lease).UTC().Truncate(time.Millisecond)},
 		Attempt: meta.Claims + 1,
 	}
-	claim.Key = fmt.Sprintf("%s/%s/%d", doc.ID, doc.State, claim.Attempt)
+	claim.Key = meta.Key
+	if claim.Key == "" {
+		claim.Key = fmt.Sprintf("%s/%s/%d", doc.ID, doc.State, claim.Attempt)
+	}
 	if held := meta.Claim; held != nil {
 		if held.Expires.After(now) {
 			e.stats.claimsHeld.Add(1)
@@ -195,7 +204,16 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	}
 	meta.Claim = claim
 	meta.Claims = claim.Attempt
+	meta.Key = claim.Key
 	meta.RetryAt = nil
+	// The handler's slot is taken before the claim is written, not after:
+	// a claim waiting for a slot behind slow handlers could see its lease
+	// run out before its handler even started.
+	release, err := e.acquireSlot(ctx)
+	if err != nil {
+		return transient, false
+	}
+	defer release()
 	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
 	if err != nil {
 		return e.settle(err, &e.stats.claimsLost, nil, func(err error) (outcome, bool) {
@@ -219,6 +237,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	runCtx, cancel := context.WithDeadline(ctx, claim.Expires.Add(-spec.Lease/10))
 	defer cancel()
 	res, herr := e.call(runCtx, spec, doc)
+	release()
 	return e.finishClaim(ctx, doc, spec, meta, claim, res, herr), false
 }
 
@@ -282,14 +301,20 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 	}
 }
 
-// call runs the handler with its timeout, turning a panic into an error.
-func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err error) {
+// acquireSlot waits for one of the Workers handler slots. release is
+// idempotent, so a deferred call may follow an early one.
+func (e *Engine) acquireSlot(ctx context.Context) (release func(), err error) {
 	select {
 	case e.handlerSlots <- struct{}{}:
-		defer func() { <-e.handlerSlots }()
+		return sync.OnceFunc(func() { <-e.handlerSlots }), nil
 	case <-ctx.Done():
-		return Result{}, ctx.Err()
+		return nil, ctx.Err()
 	}
+}
+
+// call runs the handler with its timeout, turning a panic into an error.
+// The caller holds a handler slot.
+func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err error) {
 	e.stats.runs.Add(1)
 	hctx, cancel := context.WithTimeout(ctx, spec.Timeout)
 	defer cancel()
@@ -336,7 +361,7 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 	if res.next != "" && res.next != doc.State {
 		state, next = res.next, Meta{From: doc.State}
 	} else {
-		next.Attempts, next.LastError, next.RetryAt, next.Claim = 0, "", nil, nil
+		next.Attempts, next.LastError, next.RetryAt, next.Claim, next.Key = 0, "", nil, nil, ""
 		next.WakeAt = stamp(res.wakeAt)
 		next.Settled = revGeneration(doc.Rev) + 1
 		if res.unsettled {
@@ -608,6 +633,6 @@ func sameFields(fields, set map[string]json.RawMessage) bool {
 // sameMeta compares bookkeeping that matters for a no-op: a stay that
 // changes nothing is not written, so it does not wake the feed again.
 func sameMeta(a, b Meta) bool {
-	return a.Attempts == b.Attempts && a.LastError == b.LastError && a.Claim == nil && b.Claim == nil &&
+	return a.Attempts == b.Attempts && a.LastError == b.LastError && a.Key == b.Key && a.Claim == nil && b.Claim == nil &&
 		a.RetryAt.time().Equal(b.RetryAt.time()) && a.WakeAt.time().Equal(b.WakeAt.time()) && a.Invalid == ""
 }
