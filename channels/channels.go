@@ -363,6 +363,14 @@ func (c *Channels) handleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 			return workflow.Result{}, workflow.Terminal(fmt.Errorf("database must be a string starting with %q", c.opts.Prefix))
 		}
 	}
+	derived := false
+	if database == "" {
+		var err error
+		if database, err = c.unrecordedDatabase(ctx, doc); err != nil {
+			return workflow.Result{}, err
+		}
+		derived = database != ""
+	}
 	if _, err := c.reconcileSubscriptions(ctx, doc.ID, database, nil); err != nil {
 		return workflow.Result{}, err
 	}
@@ -380,9 +388,52 @@ func (c *Channels) handleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 		}
 	}
 	c.log.Info("channel deleted", "id", doc.ID, "database", database, "policy", c.opts.OnDelete)
-	return workflow.Transition(StateDeleted).
+	res := workflow.Transition(StateDeleted).
 		Set(FieldDeletedAt, time.Now().UTC().Format(time.RFC3339)).
-		Set(FieldSubscriptions, 0), nil
+		Set(FieldSubscriptions, 0)
+	if derived {
+		// Recorded so that an archived database can be found from the
+		// channel document, as for one provisioned to the end.
+		res = res.Set(FieldDatabase, database)
+	}
+	return res, nil
+}
+
+// unrecordedDatabase finds the database of a channel document that has no
+// database field: a daemon that died after handleNew created, claimed and
+// secured it, but before ready was written, left a database that only the
+// derived name leads to, and a delete request moves such a document from
+// new straight to deleting. It returns that name only if the database's
+// description document names this channel document: a database of the
+// same name claimed by another channel document (same owner, same name) is
+// that channel's, and one without a description may be one that another
+// channel document is creating right now; neither may be touched. "" when
+// there is nothing of this channel document's to remove.
+func (c *Channels) unrecordedDatabase(ctx context.Context, doc *workflow.Doc) (string, error) {
+	var owner, name string
+	if raw, ok := rawField(doc, FieldOwner); !ok || json.Unmarshal(raw, &owner) != nil || devices.CheckEmail(owner) != nil {
+		return "", nil // handleNew refuses such a document before creating anything
+	}
+	if raw, ok := rawField(doc, FieldName); !ok || json.Unmarshal(raw, &name) != nil || CheckName(name) != nil {
+		return "", nil
+	}
+	database := DBName(c.opts.Prefix, owner, name)
+	var info struct {
+		Channel string `json:"channel_doc"`
+	}
+	err := c.opts.Client.DB(database).Get(ctx, InfoDocID).ScanDoc(&info)
+	switch {
+	case couch.IsNotFound(err):
+		// No such database, or never claimed: nothing of ours.
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("read %s/%s: %w", database, InfoDocID, err)
+	case info.Channel != doc.ID:
+		c.log.Info("channel deleted before ready: its derived database belongs to another channel document, left alone",
+			"id", doc.ID, "database", database, "owner_doc", info.Channel)
+		return "", nil
+	}
+	return database, nil
 }
 
 // adminOnly is the member role of an archived channel: no user has it

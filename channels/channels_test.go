@@ -339,3 +339,95 @@ func TestHundredChannelsTwoDaemonsAndARestart(t *testing.T) {
 	}
 	t.Logf("%d channels × %d devices by 2 daemons (one restarted): %d databases, %d subscriptions", total, devicesPer, dbs, len(subscriptions(t, control, "")))
 }
+
+// A daemon that died after creating, claiming and securing a channel's
+// database but before recording it (the document still says new, without
+// database) left a database only the derived name leads to. Deleting the
+// channel then removes it (or archives it) when its description document
+// names this channel document, and never touches a database that another
+// channel document claimed or that nobody claimed.
+func TestDeleteAfterCrashBeforeReadyRemovesDerivedDatabase(t *testing.T) {
+	for _, policy := range []string{channels.DeleteDatabase, channels.ArchiveDatabase} {
+		t.Run(policy, func(t *testing.T) {
+			admin := couchtest.Client(t)
+			control := couchtest.NewDB(t, admin)
+			ctx := context.Background()
+			prefix := prefixFor(control)
+			// halfDone creates the database a channel of owner and name
+			// derives, with a description document claiming it for
+			// claimedBy ("": none), and the channel document id in state new
+			// with delete_requested, as a crash before ready and a later
+			// delete request leave it.
+			halfDone := func(id, owner, name, claimedBy string) string {
+				t.Helper()
+				db := channels.DBName(prefix, owner, name)
+				if err := admin.CreateDB(ctx, db); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = admin.DestroyDB(context.Background(), db) })
+				if claimedBy != "" {
+					if _, err := admin.DB(db).Put(ctx, channels.InfoDocID, map[string]any{
+						"type": channels.InfoType, "channel_doc": claimedBy, "name": name, "owner_role": devices.OwnerRole(owner),
+					}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := admin.DB(db).SetSecurity(ctx, &kivik.Security{Members: kivik.Members{Roles: []string{devices.OwnerRole(owner)}}}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := control.Put(ctx, id, map[string]any{"type": "channel", "state": "new", "owner": owner,
+					"name": name, "delete_requested": true}); err != nil {
+					t.Fatal(err)
+				}
+				return db
+			}
+			own := halfDone("own", "o@example.com", "Half done", "own")
+			foreign := halfDone("intruder", "o@example.com", "Taken", "rightful-owner")
+			unclaimed := halfDone("unclaimed", "o@example.com", "Nobody's", "")
+			// Deleted before the crashed daemon had created anything.
+			if _, err := control.Put(ctx, "early", map[string]any{"type": "channel", "state": "new", "owner": "o@example.com",
+				"name": "Early", "delete_requested": true}); err != nil {
+				t.Fatal(err)
+			}
+
+			start(t, admin, control, channels.Options{OnDelete: policy})
+			for _, id := range []string{"own", "intruder", "unclaimed", "early"} {
+				waitState(t, control, id, channels.StateDeleted)
+			}
+			exists, err := admin.DBExists(ctx, own)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch policy {
+			case channels.DeleteDatabase:
+				if exists {
+					t.Errorf("database %s of the half-provisioned channel still exists after deletion", own)
+				}
+			case channels.ArchiveDatabase:
+				sec, err := admin.DB(own).Security(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !exists || !slices.Equal(sec.Members.Roles, []string{"_admin"}) {
+					t.Errorf("database %s not archived: exists %v, member roles %v", own, exists, sec.Members.Roles)
+				}
+			}
+			if d := getChannel(t, control, "own"); d.Database != own {
+				t.Errorf("deleted channel records database %q, want %q", d.Database, own)
+			}
+			early := channels.DBName(prefix, "o@example.com", "Early")
+			if exists, err := admin.DBExists(ctx, early); err != nil || exists {
+				t.Errorf("deleting a channel that never had a database created %s (%v)", early, err)
+			}
+			for _, db := range []string{foreign, unclaimed} {
+				sec, err := admin.DB(db).Security(ctx)
+				if err != nil {
+					t.Fatalf("database %s not claimed by the deleted channel is gone: %v", db, err)
+				}
+				if !slices.Equal(sec.Members.Roles, []string{devices.OwnerRole("o@example.com")}) {
+					t.Errorf("database %s not claimed by the deleted channel was archived: %v", db, sec.Members.Roles)
+				}
+			}
+		})
+	}
+}

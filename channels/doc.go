@@ -42,7 +42,10 @@
 //     database (OnDelete "delete") or archives it ("archive": members set
 //     to the _admin role, which no user has, so only server admins read
 //     it; an empty members list would make it public in CouchDB). Then
-//     deleted, a terminal state.
+//     deleted, a terminal state. Without a database field (a daemon died
+//     between provisioning and ready, then deletion was requested) it
+//     takes the derived name, but only if that database's description
+//     document names this channel document.
 //
 // Every step is idempotent (create-if-absent, set-and-verify, stable ids,
 // compare-and-swap), so the handlers are Safe: a repeat after a crash, or
