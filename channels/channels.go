@@ -92,6 +92,11 @@ type Options struct {
 type Channels struct {
 	opts Options
 	log  *slog.Logger
+	// beforeSubscriptionWrites, set by tests only, runs after a reconcile
+	// has read the subscriptions it wants and has, just before it writes:
+	// the window in which another daemon can finish deleting the channel,
+	// which a test could not hit reliably otherwise.
+	beforeSubscriptionWrites func()
 }
 
 // New checks opts and returns the handlers.
@@ -344,7 +349,20 @@ func (c *Channels) handleReady(ctx context.Context, doc *workflow.Doc) (workflow
 	if err := ensureSecurity(ctx, c.opts.Client.DB(ch.database), roles); err != nil {
 		return workflow.Result{}, err
 	}
-	n, err := c.reconcileSubscriptions(ctx, doc.ID, ch.database, roles)
+	n, written, err := c.reconcileSubscriptions(ctx, doc.ID, ch.database, roles)
+	// The final check runs even when some writes failed: the ones that
+	// succeeded may already outlive a deletion.
+	if len(written) > 0 {
+		withdrawn, werr := c.withdrawIfNotReady(ctx, doc.ID, written)
+		if werr != nil {
+			return workflow.Result{}, errors.Join(err, werr)
+		}
+		if withdrawn {
+			// The document moved on; its new state's handler (or none,
+			// once deleted) decides what happens next.
+			return workflow.Stay(), nil
+		}
+	}
 	if err != nil {
 		return workflow.Result{}, err
 	}
@@ -371,7 +389,7 @@ func (c *Channels) handleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 		}
 		derived = database != ""
 	}
-	if _, err := c.reconcileSubscriptions(ctx, doc.ID, database, nil); err != nil {
+	if _, _, err := c.reconcileSubscriptions(ctx, doc.ID, database, nil); err != nil {
 		return workflow.Result{}, err
 	}
 	if database != "" {
@@ -510,10 +528,82 @@ func (s subscription) same(o subscription) bool {
 	return s == o
 }
 
+// withdrawIfNotReady is the final check of a reconcile that wrote
+// subscriptions (written: id → new revision): it reads the channel
+// document again and, if it is no longer ready (deleting, deleted, another
+// state, or gone), deletes those subscriptions and reports true.
+//
+// This closes the race with a deletion on another daemon. The deletion
+// first writes state deleting, then sweeps the subscriptions; a reconcile
+// first writes its subscriptions, then reads the state. In whatever order
+// these land on the server, one side sees the other's write: the sweep
+// finds the subscriptions, or this read finds the channel no longer ready.
+// Making the deletion's sweep more thorough instead cannot guarantee it: a
+// reconcile that read the channel before the deletion may write at any
+// later time (a request can even be applied after its context ended), so
+// no sweep or grace period is late enough. What remains: a daemon that
+// dies between its write and this check leaves its subscriptions behind.
+//
+// Errors are retried here, not left to the engine: once the document has
+// moved on, the engine drops this run's result and error, and a deleted
+// channel has no handler to retry.
+func (c *Channels) withdrawIfNotReady(ctx context.Context, channelID string, written map[string]string) (bool, error) {
+	var err error
+	for attempt := range 3 {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return false, fmt.Errorf("withdraw subscriptions of %s: %w (after %w)", channelID, ctx.Err(), err)
+			case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+			}
+		}
+		var withdrawn bool
+		if withdrawn, err = c.withdrawOnce(ctx, channelID, written); err == nil {
+			return withdrawn, nil
+		}
+	}
+	return false, err
+}
+
+func (c *Channels) withdrawOnce(ctx context.Context, channelID string, written map[string]string) (bool, error) {
+	var cur struct {
+		State string `json:"state"`
+	}
+	err := c.opts.DB.Get(ctx, channelID).ScanDoc(&cur)
+	switch {
+	case couch.IsNotFound(err):
+		// Hard-deleted meanwhile: no longer ready either.
+	case err != nil:
+		return false, fmt.Errorf("re-read channel %s: %w", channelID, err)
+	case cur.State == StateReady:
+		return false, nil
+	}
+	deletes := make([]any, 0, len(written))
+	for id, rev := range written {
+		deletes = append(deletes, map[string]any{"_id": id, "_rev": rev, "_deleted": true})
+	}
+	results, err := c.opts.DB.BulkDocs(ctx, deletes)
+	if err != nil {
+		return false, fmt.Errorf("withdraw subscriptions of %s: %w", channelID, err)
+	}
+	for _, r := range results {
+		// A conflict means the sweep deleted it already, or another
+		// reconcile wrote a newer revision, which that reconcile's own
+		// final check withdraws.
+		if r.Error != nil && !couch.IsConflict(r.Error) && !couch.IsNotFound(r.Error) {
+			return false, fmt.Errorf("withdraw subscription %s: %w", r.ID, r.Error)
+		}
+	}
+	c.log.Info("channel left ready while its subscriptions were written: withdrawn",
+		"id", channelID, "state", cur.State, "subscriptions", len(written))
+	return true, nil
+}
+
 // reconcileSubscriptions makes the channel's subscriptions exactly one per
-// active device whose role is in roles (none: remove them all), and
-// returns how many there are.
-func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, database string, roles []string) (int, error) {
+// active device whose role is in roles (none: remove them all). It returns
+// how many there are, and the ones it created or updated (id → revision)
+// for handleReady's final check.
+func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, database string, roles []string) (int, map[string]string, error) {
 	want := map[string]subscription{}
 	if len(roles) > 0 {
 		_, err := workflow.FindEach(ctx, c.opts.DB,
@@ -539,7 +629,7 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 				return nil
 			})
 		if err != nil {
-			return 0, fmt.Errorf("list active devices: %w", err)
+			return 0, nil, fmt.Errorf("list active devices: %w", err)
 		}
 	}
 	have := map[string]subscription{}
@@ -553,7 +643,7 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 			return nil
 		})
 	if err != nil {
-		return 0, fmt.Errorf("list subscriptions: %w", err)
+		return 0, nil, fmt.Errorf("list subscriptions: %w", err)
 	}
 	var writes []any
 	for id, s := range want {
@@ -571,21 +661,36 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 		}
 	}
 	if len(writes) == 0 {
-		return len(want), nil
+		return len(want), nil, nil
+	}
+	if c.beforeSubscriptionWrites != nil {
+		c.beforeSubscriptionWrites()
 	}
 	results, err := c.opts.DB.BulkDocs(ctx, writes)
 	if err != nil {
-		return 0, fmt.Errorf("write subscriptions: %w", err)
+		return 0, nil, fmt.Errorf("write subscriptions: %w", err)
 	}
+	// Every row is looked at before an error is returned: the caller's
+	// final check needs all that was written, even when some row failed.
+	written := map[string]string{}
+	var errs []error
 	for _, r := range results {
-		// A conflict means another daemon wrote the same stable id
-		// meanwhile: the next reconcile compares again.
-		if r.Error != nil && !couch.IsConflict(r.Error) {
-			return 0, fmt.Errorf("write subscription %s: %w", r.ID, r.Error)
-		}
-		if r.Error == nil && r.Rev == "" {
-			return 0, fmt.Errorf("write subscription %s: the server answered without a revision", r.ID)
+		switch {
+		case r.Error != nil && couch.IsConflict(r.Error):
+			// Another daemon wrote the same stable id meanwhile: the next
+			// reconcile compares again.
+		case r.Error != nil:
+			errs = append(errs, fmt.Errorf("write subscription %s: %w", r.ID, r.Error))
+		case r.Rev == "":
+			errs = append(errs, fmt.Errorf("write subscription %s: the server answered without a revision", r.ID))
+		default:
+			if _, ok := want[r.ID]; ok {
+				written[r.ID] = r.Rev
+			}
 		}
 	}
-	return len(want), nil
+	if err := errors.Join(errs...); err != nil {
+		return 0, written, err
+	}
+	return len(want), written, nil
 }

@@ -2,6 +2,7 @@ package channels_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/url"
 	"slices"
@@ -16,6 +17,7 @@ import (
 	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
@@ -429,5 +431,90 @@ func TestDeleteAfterCrashBeforeReadyRemovesDerivedDatabase(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A ready reconcile on one daemon that read its channel before another
+// daemon deleted it writes subscriptions after that deletion swept them: it
+// must take them back, so that no subscription outlives a completed
+// deletion. The hook runs daemon b's whole deletion in the window between
+// daemon a's reads and its write.
+func TestReconcileRacingDeletionLeavesNoSubscription(t *testing.T) {
+	admin := couchtest.Client(t)
+	control := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	const owner = "r@example.com"
+	prefix := prefixFor(control)
+	daemon := func() *channels.Channels {
+		t.Helper()
+		c, err := channels.New(channels.Options{Client: admin, DB: control, Prefix: prefix, Logger: workflowtest.Logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := daemon(), daemon()
+	database := channels.DBName(prefix, owner, "Race")
+	if err := admin.CreateDB(ctx, database); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = admin.DestroyDB(context.Background(), database) })
+	if _, err := control.Put(ctx, "race", map[string]any{"type": "channel", "state": channels.StateReady,
+		"owner": owner, "name": "Race", "database": database}); err != nil {
+		t.Fatal(err)
+	}
+	// read is the channel document as the engine hands it to a handler.
+	read := func() *workflow.Doc {
+		t.Helper()
+		var raw json.RawMessage
+		if err := control.Get(ctx, "race").ScanDoc(&raw); err != nil {
+			t.Fatal(err)
+		}
+		doc, err := workflow.NewDoc(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return doc
+	}
+
+	// Undisturbed, the reconcile's subscriptions stay.
+	phone := addDevice(t, admin, control, owner)
+	if _, err := a.HandleReady(ctx, read()); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := subscriptions(t, control, "race")[channels.SubscriptionID("race", phone.docID)]; !ok {
+		t.Fatal("the ready channel's subscription was not written or was taken back")
+	}
+
+	// A device activated later gives daemon a's next reconcile something
+	// to write; daemon b deletes the channel just before that write.
+	tablet := addDevice(t, admin, control, owner)
+	stale := read()
+	raced := false
+	a.SetBeforeSubscriptionWrites(func() {
+		if raced {
+			return
+		}
+		raced = true
+		update(t, control, "race", func(doc map[string]any) {
+			doc["delete_requested"], doc["state"] = true, channels.StateDeleting
+		})
+		if _, err := b.HandleDeleting(ctx, read()); err != nil {
+			t.Fatal(err)
+		}
+		update(t, control, "race", func(doc map[string]any) { doc["state"] = channels.StateDeleted })
+		if n := len(subscriptions(t, control, "race")); n != 0 {
+			t.Fatalf("deletion left %d subscriptions", n)
+		}
+	})
+	if _, err := a.HandleReady(ctx, stale); err != nil {
+		t.Fatal(err)
+	}
+	if !raced {
+		t.Fatal("the reconcile had nothing to write: the race was not driven")
+	}
+	if subs := subscriptions(t, control, "race"); len(subs) != 0 {
+		t.Fatalf("%d subscriptions outlive the completed deletion (tablet's: %v)", len(subs),
+			subs[channels.SubscriptionID("race", tablet.docID)] != nil)
 	}
 }

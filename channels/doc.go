@@ -37,7 +37,10 @@
 //     ones are written, stale ones updated, ones of removed members or
 //     revoked devices deleted. It stays, waking every ReconcileInterval, so
 //     a device activated later gets every existing channel within that
-//     interval. delete_requested: true moves it to deleting.
+//     interval. A reconcile that wrote subscriptions reads the document
+//     again and takes them back if it is no longer ready, so that a
+//     deletion finished meanwhile by another daemon leaves none behind.
+//     delete_requested: true moves it to deleting.
 //   - deleting: Safe. Deletes every subscription of the channel, then the
 //     database (OnDelete "delete") or archives it ("archive": members set
 //     to the _admin role, which no user has, so only server admins read
