@@ -518,3 +518,35 @@ func TestReconcileRacingDeletionLeavesNoSubscription(t *testing.T) {
 			subs[channels.SubscriptionID("race", tablet.docID)] != nil)
 	}
 }
+
+// An archived channel's database keeps its description document, so its
+// name stays taken: a new channel of the same owner and name is a
+// collision, and the archive stays admin-only.
+func TestArchivedNameStaysTaken(t *testing.T) {
+	admin := couchtest.Client(t)
+	control := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	start(t, admin, control, channels.Options{OnDelete: channels.ArchiveDatabase})
+	put := func(id string) {
+		t.Helper()
+		if _, err := control.Put(ctx, id, map[string]any{"type": "channel", "state": "new", "owner": "o@example.com", "name": "Trip"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("old")
+	old := waitState(t, control, "old", channels.StateReady)
+	update(t, control, "old", func(doc map[string]any) { doc["delete_requested"] = true })
+	waitState(t, control, "old", channels.StateDeleted)
+	put("again")
+	again := waitState(t, control, "again", "error")
+	if !strings.Contains(again.Meta.Error.Reason, `already belongs to channel document "old"`) {
+		t.Fatalf("reason %q", again.Meta.Error.Reason)
+	}
+	sec, err := admin.DB(old.Database).Security(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(sec.Members.Roles, []string{"_admin"}) {
+		t.Fatalf("the colliding channel changed the archive's _security: %v", sec.Members.Roles)
+	}
+}
