@@ -110,6 +110,8 @@ type Supervisor struct {
 	finished Stats
 
 	exited chan string
+	// wake tells the loop that databases were queued: fill the slots.
+	wake chan struct{}
 	// lastScan is when discovery last succeeded (unix ns); scanErr the
 	// last discovery error, nil after a success.
 	lastScan atomic.Int64
@@ -123,6 +125,9 @@ type watchedDB struct {
 	seen    string    // update_seq when its engine last stopped caught up ("" unknown)
 	due     time.Time // when a stopped engine's earliest timer is due
 	waiting bool      // in the waiting list
+	// settling is set while a stopped engine's leavings (update_seq, due
+	// time) are being recorded: discovery leaves the database alone then.
+	settling bool
 }
 
 type runningDB struct {
@@ -150,6 +155,7 @@ func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) 
 		dbs:     map[string]*watchedDB{},
 		running: map[string]*runningDB{},
 		exited:  make(chan string, opts.MaxOpen),
+		wake:    make(chan struct{}, 1),
 	}, nil
 }
 
@@ -183,19 +189,31 @@ func MatchDatabase(patterns []string, name string) bool {
 
 // Run watches the databases until ctx ends, then stops every engine (each
 // drains and saves its checkpoint) and returns nil.
+//
+// The loop that starts and stops engines never waits on the server:
+// discovery (hundreds of requests for as many databases) runs beside it,
+// and what a stopped engine leaves is recorded beside it too, so a freed
+// slot is filled at once.
 func (s *Supervisor) Run(ctx context.Context) error {
 	s.log.Info("many-database mode: discovery by _all_dbs and update_seq",
 		"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "interval", s.opts.DiscoveryInterval)
-	var engines sync.WaitGroup
+	var engines, helpers sync.WaitGroup
 	defer engines.Wait()
-	scan := time.NewTicker(s.opts.DiscoveryInterval)
-	defer scan.Stop()
+	defer helpers.Wait()
+	helpers.Go(func() {
+		for {
+			s.discover(ctx)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(s.opts.DiscoveryInterval):
+			}
+		}
+	})
 	// Idle engines are looked for often: a slot held by an engine with
 	// nothing to do is a slot another database waits for.
 	tick := time.NewTicker(min(100*time.Millisecond, s.opts.IdleStop/2))
 	defer tick.Stop()
-	s.discover(ctx)
-	s.fill(ctx, &engines)
 	for {
 		select {
 		case <-ctx.Done():
@@ -205,12 +223,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			}
 			s.mu.Unlock()
 			return nil
-		case <-scan.C:
-			s.discover(ctx)
+		case <-s.wake:
 		case <-tick.C:
 			s.reap()
 		case name := <-s.exited:
-			s.onExit(ctx, name)
+			s.onExit(ctx, name, &helpers)
 		}
 		s.fill(ctx, &engines)
 	}
@@ -253,6 +270,9 @@ func (s *Supervisor) discover(ctx context.Context) {
 	type info struct {
 		name, seq string
 		err       error
+		first     bool      // not known before: firstLook ran
+		idle      bool      // firstLook found nothing to do
+		due       time.Time // firstLook's stored due time
 	}
 	work := make(chan string)
 	results := make(chan info)
@@ -264,6 +284,13 @@ func (s *Supervisor) discover(ctx context.Context) {
 				r := info{name: name, err: err}
 				if err == nil {
 					r.seq = st.UpdateSeq
+					s.mu.Lock()
+					_, known := s.dbs[name]
+					s.mu.Unlock()
+					if !known {
+						r.first = true
+						r.idle, r.due = s.firstLook(ctx, name)
+					}
 				}
 				results <- r
 			}
@@ -292,20 +319,21 @@ func (s *Supervisor) discover(ctx context.Context) {
 		s.mu.Lock()
 		w, known := s.dbs[r.name]
 		_, running := s.running[r.name]
-		s.mu.Unlock()
 		if !known {
+			if !r.first {
+				// Dropped as gone meanwhile: the next discovery decides.
+				s.mu.Unlock()
+				continue
+			}
 			// First sight (at start, or a new database): it has work if
 			// changes follow its checkpoint or its stored due time passed.
 			w = &watchedDB{}
-			if idle, due := s.firstLook(ctx, r.name); idle {
-				w.seen, w.due = r.seq, due
+			if r.idle {
+				w.seen, w.due = r.seq, r.due
 			}
-			s.mu.Lock()
 			s.dbs[r.name] = w
-			s.mu.Unlock()
 		}
-		s.mu.Lock()
-		pending := w.seen != r.seq || (!w.due.IsZero() && !w.due.After(now))
+		pending := !w.settling && (w.seen != r.seq || (!w.due.IsZero() && !w.due.After(now)))
 		s.mu.Unlock()
 		if pending && !running {
 			s.enqueue(r.name)
@@ -334,6 +362,10 @@ func (s *Supervisor) enqueue(name string) {
 	}
 	w.waiting = true
 	s.waiting = append(s.waiting, name)
+	select {
+	case s.wake <- struct{}{}:
+	default: // a wake-up is pending already
+	}
 }
 
 // fill starts engines for waiting databases while slots are free.
@@ -399,9 +431,10 @@ func (s *Supervisor) reap() {
 	}
 }
 
-// onExit records what a stopped engine left: the database's update_seq as
-// it stopped (a later scan compares against it) and its earliest due time.
-func (s *Supervisor) onExit(ctx context.Context, name string) {
+// onExit frees a stopped engine's slot and records, beside the loop, what
+// it left: the database's update_seq as it stopped (a later scan compares
+// against it) and its earliest due time.
+func (s *Supervisor) onExit(ctx context.Context, name string, helpers *sync.WaitGroup) {
 	s.mu.Lock()
 	r := s.running[name]
 	delete(s.running, name)
@@ -412,10 +445,17 @@ func (s *Supervisor) onExit(ctx context.Context, name string) {
 		// Gauges describe running engines only.
 		s.finished.Inflight, s.finished.Queued, s.finished.Delayed, s.finished.Pending = 0, 0, 0, 0
 	}
-	s.mu.Unlock()
 	if r == nil || w == nil || ctx.Err() != nil {
+		s.mu.Unlock()
 		return
 	}
+	w.settling = true
+	s.mu.Unlock()
+	helpers.Go(func() { s.settle(ctx, name, w, r) })
+}
+
+// settle records what a stopped engine left; see onExit.
+func (s *Supervisor) settle(ctx context.Context, name string, w *watchedDB, r *runningDB) {
 	due := r.nextDue
 	// Caught up: remember the update_seq now, so only a change after this
 	// starts it again. A yielded engine still has work: queue it again.
@@ -423,10 +463,19 @@ func (s *Supervisor) onExit(ctx context.Context, name string) {
 	if st, err := s.client.DB(name).Stats(ctx); err == nil && !r.yield {
 		seq = st.UpdateSeq
 	}
-	s.mu.Lock()
-	w.seen, w.due = seq, due
-	s.mu.Unlock()
 	s.saveDue(ctx, name, due)
+	// A change written after the engine's last look and before the
+	// update_seq above was read would hide behind it: the changes after
+	// the engine's final checkpoint show it (read after the update_seq,
+	// so whatever comes later moves the update_seq instead).
+	if seq != "" {
+		if idle, _ := s.firstLook(ctx, name); !idle {
+			seq = ""
+		}
+	}
+	s.mu.Lock()
+	w.seen, w.due, w.settling = seq, due, false
+	s.mu.Unlock()
 	if r.yield || seq == "" {
 		s.enqueue(name)
 	}
