@@ -29,7 +29,9 @@ type SupervisorOptions struct {
 	MaxOpen int
 	// DiscoveryInterval is how often _all_dbs is listed and each watched
 	// database's update_seq compared with the one its engine left it at
-	// (default 10s): work is noticed within it.
+	// (default 10s): work is noticed within it. Where the server has
+	// /_db_updates, changed databases are checked as the feed names them,
+	// and the full listing only runs every 10 intervals, as a catch-up.
 	DiscoveryInterval time.Duration
 	// IdleStop stops an engine that had nothing to do for this long
 	// (default 30s); its checkpoint is saved and its next due time kept.
@@ -89,9 +91,11 @@ func (o *SupervisorOptions) setDefaults() error {
 
 // Supervisor runs the handlers over many databases: one engine per
 // database with work, at most MaxOpen at once. It learns which databases
-// changed by listing _all_dbs and comparing each matching database's
-// update_seq with the one its engine left it at (PouchDB Server has no
-// /_db_updates, and a catch-up scan is needed after any gap anyway). Each
+// changed from the server's /_db_updates feed where there is one (Apache
+// CouchDB), checking only the databases it names, and otherwise by listing
+// _all_dbs and comparing each matching database's update_seq with the one
+// its engine left it at (PouchDB Server). The listing also runs, less
+// often, beside the feed: it catches up on whatever a feed gap missed. Each
 // database keeps its own checkpoint; an engine stopped while documents
 // wait for a timer (a retry, a wake-up) is started again when the earliest
 // is due, and the due time is stored in the database's
@@ -112,6 +116,13 @@ type Supervisor struct {
 	exited chan string
 	// wake tells the loop that databases were queued: fill the slots.
 	wake chan struct{}
+	// dirty holds databases /_db_updates named since discovery last
+	// checked them (under mu); checkDirty wakes discovery for them, and
+	// catchUp asks for a full listing (after a feed gap).
+	dirty      map[string]bool
+	checkDirty chan struct{}
+	catchUp    chan struct{}
+	mode       atomic.Pointer[string]
 	// lastScan is when discovery last succeeded (unix ns); scanErr the
 	// last discovery error, nil after a success.
 	lastScan atomic.Int64
@@ -125,6 +136,9 @@ type watchedDB struct {
 	seen    string    // update_seq when its engine last stopped caught up ("" unknown)
 	due     time.Time // when a stopped engine's earliest timer is due
 	waiting bool      // in the waiting list
+	// recheck is set when /_db_updates named the database while it was
+	// settling: it is checked again once settled.
+	recheck bool
 	// settling is set while a stopped engine's leavings (update_seq, due
 	// time) are being recorded: discovery leaves the database alone then.
 	settling bool
@@ -156,6 +170,10 @@ func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) 
 		running: map[string]*runningDB{},
 		exited:  make(chan string, opts.MaxOpen),
 		wake:    make(chan struct{}, 1),
+		dirty:   map[string]bool{},
+
+		checkDirty: make(chan struct{}, 1),
+		catchUp:    make(chan struct{}, 1),
 	}, nil
 }
 
@@ -195,21 +213,26 @@ func MatchDatabase(patterns []string, name string) bool {
 // and what a stopped engine leaves is recorded beside it too, so a freed
 // slot is filled at once.
 func (s *Supervisor) Run(ctx context.Context) error {
-	s.log.Info("many-database mode: discovery by _all_dbs and update_seq",
-		"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "interval", s.opts.DiscoveryInterval)
+	since, feed := s.probeDBUpdates(ctx)
+	if ctx.Err() != nil {
+		return nil
+	}
 	var engines, helpers sync.WaitGroup
 	defer engines.Wait()
 	defer helpers.Wait()
-	helpers.Go(func() {
-		for {
-			s.discover(ctx)
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(s.opts.DiscoveryInterval):
-			}
-		}
-	})
+	full := s.opts.DiscoveryInterval
+	if feed {
+		full *= 10
+		s.setMode(DiscoveryDBUpdates)
+		s.log.Info("many-database mode: discovery by /_db_updates, with an _all_dbs catch-up",
+			"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "catch_up_interval", full)
+		helpers.Go(func() { s.followDBUpdates(ctx, since) })
+	} else {
+		s.setMode(DiscoveryAllDBs)
+		s.log.Info("many-database mode: discovery by _all_dbs and update_seq",
+			"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "interval", full)
+	}
+	helpers.Go(func() { s.discoveryLoop(ctx, full) })
 	// Idle engines are looked for often: a slot held by an engine with
 	// nothing to do is a slot another database waits for.
 	tick := time.NewTicker(min(100*time.Millisecond, s.opts.IdleStop/2))
@@ -255,18 +278,35 @@ func (s *Supervisor) discover(ctx context.Context) {
 		}
 	}
 	s.mu.Lock()
+	var gone []string
 	for name := range s.dbs {
 		if !present[name] {
-			s.log.Info("database gone; no longer watched", "db", name)
-			delete(s.dbs, name)
-			if r := s.running[name]; r != nil {
-				r.cancel()
-			}
+			gone = append(gone, name)
 		}
 	}
 	s.mu.Unlock()
+	for _, name := range gone {
+		s.drop(name)
+	}
+	failed := s.check(ctx, matched)
+	if ctx.Err() != nil {
+		return
+	}
+	if failed > 0 {
+		err := fmt.Errorf("%d of %d databases could not be read", failed, len(matched))
+		s.scanErr.Store(&err)
+		s.log.Warn("database discovery incomplete", "err", err)
+	} else {
+		s.scanErr.Store(nil)
+	}
+	s.lastScan.Store(time.Now().UnixNano())
+}
 
-	// Each database's update_seq, a bounded number of requests at a time.
+// check reads each named database's update_seq, a bounded number of
+// requests at a time, and queues those whose update_seq moved since their
+// engine left them, or whose earliest due time passed. A database that is
+// gone is dropped. It returns how many could not be read.
+func (s *Supervisor) check(ctx context.Context, matched []string) (failed int) {
 	type info struct {
 		name, seq string
 		err       error
@@ -308,10 +348,11 @@ func (s *Supervisor) discover(ctx context.Context) {
 	}()
 	go func() { askers.Wait(); close(results) }()
 	now := time.Now()
-	var failed int
 	for r := range results {
 		if r.err != nil {
-			if !couch.IsNotFound(r.err) {
+			if couch.IsNotFound(r.err) {
+				s.drop(r.name)
+			} else {
 				failed++
 			}
 			continue
@@ -333,23 +374,30 @@ func (s *Supervisor) discover(ctx context.Context) {
 			}
 			s.dbs[r.name] = w
 		}
+		if w.settling {
+			w.recheck = true
+		}
 		pending := !w.settling && (w.seen != r.seq || (!w.due.IsZero() && !w.due.After(now)))
 		s.mu.Unlock()
 		if pending && !running {
 			s.enqueue(r.name)
 		}
 	}
-	if ctx.Err() != nil {
+	return failed
+}
+
+// drop forgets a database that is gone and stops its engine.
+func (s *Supervisor) drop(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.dbs[name]; !ok {
 		return
 	}
-	if failed > 0 {
-		err := fmt.Errorf("%d of %d databases could not be read", failed, len(matched))
-		s.scanErr.Store(&err)
-		s.log.Warn("database discovery incomplete", "err", err)
-	} else {
-		s.scanErr.Store(nil)
+	s.log.Info("database gone; no longer watched", "db", name)
+	delete(s.dbs, name)
+	if r := s.running[name]; r != nil {
+		r.cancel()
 	}
-	s.lastScan.Store(time.Now().UnixNano())
 }
 
 // enqueue puts name at the back of the waiting list, once.
@@ -475,9 +523,13 @@ func (s *Supervisor) settle(ctx context.Context, name string, w *watchedDB, r *r
 	}
 	s.mu.Lock()
 	w.seen, w.due, w.settling = seq, due, false
+	recheck := w.recheck
+	w.recheck = false
 	s.mu.Unlock()
 	if r.yield || seq == "" {
 		s.enqueue(name)
+	} else if recheck {
+		s.markDirty(name)
 	}
 }
 
@@ -558,14 +610,14 @@ func (s *Supervisor) Ready() error {
 
 // SupervisorStats describes the many-database mode now.
 type SupervisorStats struct {
-	Watched    int   // databases matching the patterns
-	Open       int   // engines (feeds) running now
-	MaxOpen    int64 // the most engines that ran at once
-	Waiting    int   // databases with work waiting for a slot
-	Scans      int64 // discoveries
-	Started    int64 // engines started
-	Stopped    int64 // engines stopped (idle, yielded or database gone)
-	Discovery  string
+	Watched    int    // databases matching the patterns
+	Open       int    // engines (feeds) running now
+	MaxOpen    int64  // the most engines that ran at once
+	Waiting    int    // databases with work waiting for a slot
+	Scans      int64  // discoveries
+	Started    int64  // engines started
+	Stopped    int64  // engines stopped (idle, yielded or database gone)
+	Discovery  string // DiscoveryAllDBs or DiscoveryDBUpdates; "" before Run decided
 	LastSweep  time.Time
 	EngineSums Stats // every engine's counters summed, stopped ones included
 }
@@ -576,7 +628,7 @@ func (s *Supervisor) SupervisorStats() SupervisorStats {
 	st := SupervisorStats{
 		Watched: len(s.dbs), Open: len(s.running), Waiting: len(s.waiting),
 		MaxOpen: s.maxRunning.Load(), Scans: s.scans.Load(), Started: s.started.Load(), Stopped: s.stopped.Load(),
-		Discovery: "all_dbs", EngineSums: s.finished,
+		Discovery: s.Mode(), EngineSums: s.finished,
 	}
 	for _, r := range s.running {
 		addStats(&st.EngineSums, r.eng.Stats())
@@ -639,4 +691,168 @@ func addStats(a *Stats, b Stats) {
 // String names the watched databases' count, for logs.
 func (s SupervisorStats) String() string {
 	return strconv.Itoa(s.Watched) + " databases, " + strconv.Itoa(s.Open) + " open"
+}
+
+// Discovery modes, as SupervisorStats.Discovery and the start log name them.
+const (
+	DiscoveryAllDBs    = "all_dbs"
+	DiscoveryDBUpdates = "db_updates"
+)
+
+func (s *Supervisor) setMode(m string) { s.mode.Store(&m) }
+
+// Mode returns the discovery mode in use: DiscoveryDBUpdates where the
+// server has /_db_updates, DiscoveryAllDBs otherwise; "" until Run has
+// asked the server.
+func (s *Supervisor) Mode() string {
+	if m := s.mode.Load(); m != nil {
+		return *m
+	}
+	return ""
+}
+
+// discoveryLoop lists every database now and every full interval, and in
+// between checks the databases /_db_updates named.
+func (s *Supervisor) discoveryLoop(ctx context.Context, full time.Duration) {
+	next := time.Now()
+	for {
+		if !time.Now().Before(next) {
+			s.discover(ctx)
+			next = time.Now().Add(full)
+		}
+		timer := time.NewTimer(time.Until(next))
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		case <-s.catchUp:
+			timer.Stop()
+			next = time.Now()
+		case <-s.checkDirty:
+			timer.Stop()
+			s.mu.Lock()
+			names := make([]string, 0, len(s.dirty))
+			for n := range s.dirty {
+				names = append(names, n)
+			}
+			clear(s.dirty)
+			s.mu.Unlock()
+			s.check(ctx, names)
+		}
+	}
+}
+
+// markDirty asks discovery to check database name soon.
+func (s *Supervisor) markDirty(name string) {
+	s.mu.Lock()
+	s.dirty[name] = true
+	s.mu.Unlock()
+	select {
+	case s.checkDirty <- struct{}{}:
+	default:
+	}
+}
+
+// probeDBUpdates asks the server for /_db_updates once. It reports whether
+// the feed works and the seq it starts from. A server that answers with an
+// error (PouchDB Server: 400; CouchDB without _global_changes: an error
+// too) has no usable feed; a server that does not answer is asked again,
+// since the listing could not work either.
+func (s *Supervisor) probeDBUpdates(ctx context.Context) (since string, ok bool) {
+	for failures := 1; ctx.Err() == nil; failures++ {
+		since, err := s.pollDBUpdates(ctx, "now", "normal", nil)
+		if err == nil {
+			return since, true
+		}
+		if kivik.HTTPStatus(err) != 0 || ctx.Err() != nil {
+			s.log.Info("no usable /_db_updates on this server; discovery lists _all_dbs", "reason", err)
+			return "", false
+		}
+		d := backoff(failures, s.opts.Engine.FeedRetryMin, s.opts.Engine.FeedRetryMax)
+		s.log.Warn("server unreachable while asking for /_db_updates; asking again", "err", err, "in", d.Round(time.Millisecond))
+		if !sleep(ctx, d) {
+			break
+		}
+	}
+	return "", false
+}
+
+// pollDBUpdates makes one /_db_updates request and hands each matching
+// database's name to each. It returns the seq to continue from.
+func (s *Supervisor) pollDBUpdates(ctx context.Context, since, feed string, each func(name string)) (string, error) {
+	timeout := s.opts.Engine.FeedTimeout
+	reqCtx, cancel := context.WithTimeout(ctx, timeout+timeout/2+5*time.Second)
+	defer cancel()
+	rows := s.client.DBUpdates(reqCtx, kivik.Params(map[string]any{
+		"feed": feed, "since": since, "timeout": strconv.FormatInt(timeout.Milliseconds(), 10),
+	}))
+	defer rows.Close()
+	last := since
+	for u, err := range rows.Iterator() {
+		if err != nil {
+			if last != since {
+				return last, nil // what arrived counts; the next request resumes after it
+			}
+			return since, fmt.Errorf("/_db_updates since %s: %w", since, err)
+		}
+		if u.Seq != "" {
+			last = u.Seq
+		}
+		s.log.Debug("database update", "db", u.DBName, "type", u.Type, "seq", u.Seq)
+		if each != nil && s.Matches(u.DBName) {
+			each(u.DBName)
+		}
+	}
+	if seq, err := rows.LastSeq(); err == nil && seq != "" {
+		last = seq
+	}
+	return last, nil
+}
+
+// followDBUpdates follows /_db_updates until ctx ends: each matching
+// database it names is checked (created, updated or deleted alike: the
+// check reads its update_seq, or finds it gone). After a failure it asks
+// for a full catch-up once the feed answers again, since events may have
+// been missed.
+func (s *Supervisor) followDBUpdates(ctx context.Context, since string) {
+	failures := 0
+	for ctx.Err() == nil {
+		next, err := s.pollDBUpdates(ctx, since, "longpoll", s.markDirty)
+		if err == nil {
+			if failures > 0 {
+				select {
+				case s.catchUp <- struct{}{}:
+				default:
+				}
+			}
+			since, failures = next, 0
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		failures++
+		err = fmt.Errorf("database updates feed: %w", err)
+		s.scanErr.Store(&err)
+		d := backoff(failures, s.opts.Engine.FeedRetryMin, s.opts.Engine.FeedRetryMax)
+		s.log.Warn("/_db_updates failed; reconnecting, then catching up with _all_dbs", "err", err, "in", d.Round(time.Millisecond))
+		if !sleep(ctx, d) {
+			return
+		}
+	}
+}
+
+// HasDBUpdates reports whether the server offers a usable /_db_updates
+// feed, the way a supervisor decides its discovery mode (without asking
+// again when the server does not answer).
+func HasDBUpdates(ctx context.Context, client *kivik.Client) bool {
+	rows := client.DBUpdates(ctx, kivik.Params(map[string]any{"feed": "normal", "since": "now"}))
+	defer rows.Close()
+	for _, err := range rows.Iterator() {
+		if err != nil {
+			return false
+		}
+	}
+	return true
 }

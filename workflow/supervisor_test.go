@@ -132,6 +132,9 @@ func TestSupervisorHandlesManyDatabasesWithinTheCap(t *testing.T) {
 	if st.Watched != n {
 		t.Fatalf("watching %d databases, want %d", st.Watched, n)
 	}
+	if st.Discovery != workflow.DiscoveryAllDBs {
+		t.Fatalf("discovery %q on PouchDB Server, which has no /_db_updates; want %q", st.Discovery, workflow.DiscoveryAllDBs)
+	}
 	if got := states(t, other[0])["new"]; got != 1 {
 		t.Fatalf("a database outside the pattern was handled")
 	}
@@ -276,5 +279,53 @@ func TestShardedSupervisorsSplitTheDatabases(t *testing.T) {
 	}
 	if _, err := workflow.NewSupervisor(client, reg, workflow.SupervisorOptions{Patterns: []string{"x-*"}, Shard: 3, Shards: 3}); err == nil {
 		t.Fatal("shard 3 of 3 accepted")
+	}
+}
+
+// Where the server has /_db_updates, the supervisor follows it: changed
+// and new databases are handled without another listing of _all_dbs. The
+// feed comes from couchtest's front for PouchDB Server, which lacks it.
+func TestSupervisorFollowsDBUpdates(t *testing.T) {
+	front := couchtest.NewDBUpdatesServer(t)
+	client := front.Client(t)
+	prefix := uniquePrefix(t, "sup-updates-")
+	seed := func(int) []any { return []any{map[string]any{"_id": "a", "type": "job", "state": "new"}} }
+	dbs := makeDBs(t, client, prefix, 20, seed)
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
+	opts := supervisorOptions(t, prefix+"-*")
+	opts.DiscoveryInterval = time.Minute // the catch-up listing runs at start only
+	sup := runSupervisor(t, client, reg, opts)
+	workflowtest.Eventually(t, 60*time.Second, "every database handled", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == len(dbs), fmt.Sprintf("%d of %d; %+v", d, len(dbs), sup.SupervisorStats())
+	})
+	if m := sup.Mode(); m != workflow.DiscoveryDBUpdates {
+		t.Fatalf("discovery mode %q, want %q", m, workflow.DiscoveryDBUpdates)
+	}
+	workflowtest.Eventually(t, 30*time.Second, "engines idle and stopped", func() (bool, string) {
+		st := sup.SupervisorStats()
+		return st.Open == 0, fmt.Sprint(st)
+	})
+
+	written := time.Now()
+	for _, db := range dbs[:5] {
+		if _, err := db.Put(context.Background(), "b", map[string]any{"type": "job", "state": "new"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dbs = append(dbs, makeDBs(t, client, prefix+"-new", 2, seed)...)
+	workflowtest.Eventually(t, 30*time.Second, "changed and new databases handled", func() (bool, string) {
+		d := countDone(t, dbs)
+		return d == 27, fmt.Sprintf("%d of 27", d)
+	})
+	st := sup.SupervisorStats()
+	t.Logf("5 changed and 2 new databases handled %v after writing; %d listings of _all_dbs, %d engines started, %d feed events",
+		time.Since(written).Round(time.Millisecond), st.Scans, st.Started, front.Events())
+	if st.Scans != 1 {
+		t.Fatalf("%d listings of _all_dbs; want only the one at start", st.Scans)
+	}
+	if st.Watched != 22 {
+		t.Fatalf("watching %d databases, want 22", st.Watched)
 	}
 }

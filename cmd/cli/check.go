@@ -65,8 +65,13 @@ problem and exits non-zero if there is any.`,
 						n++
 					}
 				}
-				fmt.Fprintf(out, "couchdb: ok (%s); many-database mode: %d databases match %s now, discovery by _all_dbs every %v\n",
-					cfg.CouchDB.URL, n, strings.Join(patterns, ","), cfg.Databases.DiscoveryInterval)
+				discovery := fmt.Sprintf("discovery by _all_dbs every %v", cfg.Databases.DiscoveryInterval)
+				if workflow.HasDBUpdates(ctx, client) {
+					discovery = fmt.Sprintf("discovery by /_db_updates, with an _all_dbs catch-up every %v",
+						10*cfg.Databases.DiscoveryInterval)
+				}
+				fmt.Fprintf(out, "couchdb: ok (%s); many-database mode: %d databases match %s now, %s\n",
+					cfg.CouchDB.URL, n, strings.Join(patterns, ","), discovery)
 			} else if _, err := db.Stats(ctx); err != nil {
 				problems++
 				switch kivik.HTTPStatus(err) {
