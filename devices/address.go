@@ -18,11 +18,14 @@ import (
 // handler is registered for it: the engine skips them.
 const AddressDocType = "device-address"
 
+// addressDocPrefix starts the id of every rate-limit document.
+const addressDocPrefix = "device-address:"
+
 // AddressDocID is the id of owner's rate-limit document: a hash, so the
 // address itself is not in a document id (ids show in logs and _changes).
 func AddressDocID(owner string) string {
 	sum := sha256.Sum256([]byte("docstate-address\x00" + strings.ToLower(owner)))
-	return "device-address:" + hex.EncodeToString(sum[:20])
+	return addressDocPrefix + hex.EncodeToString(sum[:20])
 }
 
 type addressDoc struct {

@@ -2,6 +2,7 @@ package devices
 
 import (
 	"encoding/json"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -85,6 +86,55 @@ func FuzzConfirmAttempt(f *testing.F) {
 		}
 		if got != want {
 			t.Fatalf("attempt %q proof %q link %v: passed %v, want %v", attempt, proof, useLink, got, want)
+		}
+	})
+}
+
+// FuzzConfirmPage drives the confirmation page, by GET and by POST, with
+// arbitrary d and t values, against a real (empty) database. No input
+// panics or gets a server error; a link that cannot be one the daemon mailed
+// gets the invalid-link page without any database request, and a plausible
+// one the form (GET) or a refusal after the lookup (POST: no device
+// exists).
+func FuzzConfirmPage(f *testing.F) {
+	token := strings.Repeat("A", tokenLen)
+	for _, s := range [][2]string{
+		{"dev-1", token}, {"", token}, {"dev-1", ""}, {"_design/docstate-devices", token},
+		{"_all_docs", token}, {"_changes", token}, {"device-address:00", token},
+		{"dev-\xff", token}, {"dev\x00", token}, {"dev\u0085", token}, {"dev\u2028", token},
+		{"a/b", token}, {"a%2Fb", token}, {"a?b#c", token}, {"..", token}, {"gerät ☎", token},
+		{strings.Repeat("a", maxIDLen), token}, {strings.Repeat("a", maxIDLen+1), token},
+		{"dev-1", strings.Repeat("-", tokenLen)}, {"dev-1", strings.Repeat("=", tokenLen)},
+	} {
+		f.Add(s[0], s[1])
+	}
+	h, log := linkPage(f)
+	f.Fuzz(func(t *testing.T, d, tok string) {
+		n := log.len()
+		code, body := confirm(h, http.MethodGet, d, tok)
+		switch {
+		case code >= 500:
+			t.Fatalf("GET d=%q t=%q: %d", d, tok, code)
+		case plausible(d, tok) != (code == http.StatusOK):
+			t.Fatalf("GET d=%q t=%q: %d, plausible %v", d, tok, code, plausible(d, tok))
+		case code != http.StatusOK && !strings.Contains(body, invalidPage().Title):
+			t.Fatalf("GET d=%q t=%q: %d without the invalid-link page", d, tok, code)
+		}
+		if reqs := log.since(n); len(reqs) > 0 {
+			t.Fatalf("GET d=%q t=%q: database requests %q", d, tok, reqs)
+		}
+		code, _ = confirm(h, http.MethodPost, d, tok)
+		reqs := log.since(n)
+		switch {
+		case code >= 500:
+			t.Fatalf("POST d=%q t=%q: %d", d, tok, code)
+		case !plausible(d, tok) && len(reqs) > 0:
+			t.Fatalf("POST d=%q t=%q: implausible, yet database requests %q", d, tok, reqs)
+		case plausible(d, tok) && code != http.StatusForbidden:
+			// The form body can exceed maxFormBytes: 400, still no lookup.
+			if code != http.StatusBadRequest || len(reqs) > 0 {
+				t.Fatalf("POST d=%q t=%q: %d, want 403 (no such device)", d, tok, code)
+			}
 		}
 	})
 }

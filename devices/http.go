@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
@@ -70,8 +73,47 @@ func invalidPage() page {
 		Text: "This confirmation link is not valid, was already used, or has expired. Ask for a new code on your device."}
 }
 
+// plausible reports whether docID and token can be from a link the daemon
+// mailed. Anything else gets the invalid-link page before the database is
+// asked: an id from the query goes into a CouchDB request path, and one
+// starting with "_" names a design document or an endpoint (_all_docs,
+// _changes), while PouchDB Server answers a non-UTF-8 one with an error
+// other than 404, which showed as "try again" (503) instead of a refusal.
 func plausible(docID, token string) bool {
-	return docID != "" && len(docID) <= maxIDLen && len(token) == tokenLen
+	return linkDocID(docID) && linkToken(token)
+}
+
+// linkDocID reports whether id can be a device document the daemon mails a
+// link for: 1 to maxIDLen bytes of UTF-8 without control characters, not
+// reserved by CouchDB ("_") and not a rate-limit document. send leaves the
+// link out of the mail for any other id (the code still works), so no
+// mailed link is refused here.
+func linkDocID(id string) bool {
+	if id == "" || len(id) > maxIDLen || !utf8.ValidString(id) ||
+		strings.HasPrefix(id, "_") || strings.HasPrefix(id, addressDocPrefix) {
+		return false
+	}
+	for _, r := range id {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// linkToken reports whether t has the form of a token: unpadded base64url
+// of 32 bytes.
+func linkToken(t string) bool {
+	if len(t) != tokenLen {
+		return false
+	}
+	for i := range len(t) {
+		c := t[i]
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 func (d *Devices) confirmPage(w http.ResponseWriter, r *http.Request) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/textproto"
 	"strings"
@@ -67,6 +68,10 @@ type SMTPConfig struct {
 	HELO string
 	// Timeout bounds connecting and each SMTP command (default 30s).
 	Timeout time.Duration
+	// Logger receives the warnings of sends that succeeded with a
+	// failure after the fact (see Send); default slog.Default(). Nothing
+	// secret and no address is logged.
+	Logger *slog.Logger
 }
 
 // SMTPMailer sends mail over SMTP with go-mail, one connection per message:
@@ -102,6 +107,9 @@ func NewSMTPMailer(cfg SMTPConfig) (*SMTPMailer, error) {
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
 	}
 	if (cfg.Username == "") != (cfg.Password == "") {
 		return nil, errors.New("smtp: username and password must be set together")
@@ -179,7 +187,19 @@ func (s *SMTPMailer) Send(ctx context.Context, m Message) error {
 	if err != nil {
 		return err
 	}
-	if err := c.DialAndSendWithContext(ctx, msg); err != nil {
+	err = c.DialAndSendWithContext(ctx, msg)
+	if err != nil && msg.IsDelivered() {
+		// go-mail marks the message delivered once the relay answered 250
+		// to the end of DATA; it then still sends RSET (after a NOOP) and
+		// QUIT, and reports their failure, typically a dropped connection,
+		// as the send's error. The relay has taken the message by then and
+		// nothing can unsend it: reporting a failure would make the engine
+		// retry and the recipient get the mail twice.
+		s.cfg.Logger.Warn("smtp: message accepted, but ending the session failed",
+			"message_id", m.MessageID, "response", msg.ServerResponse(), "err", err)
+		return nil
+	}
+	if err != nil {
 		return classifySMTP(err)
 	}
 	return nil

@@ -24,12 +24,23 @@ const timeLayout = "2006-01-02T15:04:05.000Z"
 // Stamp is a time written into documents in the engine's fixed-width format.
 type Stamp struct{ time.Time }
 
-// MarshalJSON writes the fixed-width UTC form.
+// MarshalJSON writes the fixed-width UTC form. A time whose UTC year is
+// outside 0000-9999 is an error rather than a longer or signed year: that
+// text would neither sort with the others in the resync scan's string
+// comparison nor parse back (RFC 3339 years have four digits).
 func (s Stamp) MarshalJSON() ([]byte, error) {
+	if err := checkYear(s.Time); err != nil {
+		return nil, err
+	}
 	return []byte(`"` + s.UTC().Format(timeLayout) + `"`), nil
 }
 
-// UnmarshalJSON accepts the engine's form and any RFC 3339 time.
+// UnmarshalJSON accepts the engine's form and any RFC 3339 time that
+// MarshalJSON can write back. time.Parse takes a four-digit year with an
+// offset of up to 24 hours, so "9999-12-31T23:59:59-23:59" is year 10000 in
+// UTC and "0000-01-01T00:00:00+00:01" year -1: accepted, such a time from a
+// document's docstate field would make the engine's write-back of that
+// document fail.
 func (s *Stamp) UnmarshalJSON(b []byte) error {
 	str, err := strconv.Unquote(string(b))
 	if err != nil {
@@ -39,7 +50,20 @@ func (s *Stamp) UnmarshalJSON(b []byte) error {
 	if err != nil {
 		return err
 	}
+	if err := checkYear(t); err != nil {
+		return fmt.Errorf("time %q: %w", str, err)
+	}
 	s.Time = t
+	return nil
+}
+
+// checkYear refuses a time whose UTC year does not fit the four digits of
+// timeLayout. Year 0 fits ("0000" formats and parses back); it is only
+// before the zero time, like any other early time.
+func checkYear(t time.Time) error {
+	if y := t.UTC().Year(); y < 0 || y > 9999 {
+		return fmt.Errorf("year %d in UTC is outside 0000-9999", y)
+	}
 	return nil
 }
 

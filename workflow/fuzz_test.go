@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 )
 
 // FuzzParseDoc feeds arbitrary bytes to the feed document decoder. It must
@@ -55,6 +56,54 @@ func FuzzParseDoc(f *testing.F) {
 		case errors.Is(err, errNotOurs):
 		default:
 			t.Fatalf("%q: unclassified error %v", raw, err)
+		}
+	})
+}
+
+// FuzzStamp feeds arbitrary JSON to Stamp.UnmarshalJSON. A time it accepts
+// must marshal, in the fixed-width form the resync scan compares as text,
+// and read back as the same instant to the millisecond (the form's
+// precision); marshalling that again gives the same bytes.
+func FuzzStamp(f *testing.F) {
+	for _, s := range []string{
+		`"2026-01-01T00:00:00.000Z"`,
+		`"2026-01-01T00:00:00.123456789+05:30"`,
+		`"10000-01-01T00:00:00Z"`,
+		`"-0001-01-01T00:00:00Z"`,
+		`"0000-01-01T00:00:00Z"`,
+		`"0000-01-01T00:00:00+00:01"`,
+		`"0000-01-01T00:00:00-00:01"`,
+		`"0001-01-01T00:00:00Z"`,
+		`"9999-12-31T23:59:59-23:59"`,
+		`"9999-12-31T23:59:59.999999999+23:59"`,
+		`"9999-12-31T23:59:59.999Z"`,
+		`"2026-01-01T00:00:00+24:00"`,
+		`"2026-01-01T00:00:00+00:60"`,
+		`"yesterday"`, `12`, `null`, `""`, `"2026-01-01"`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var s Stamp
+		if err := s.UnmarshalJSON(raw); err != nil {
+			return
+		}
+		b, err := s.MarshalJSON()
+		if err != nil {
+			t.Fatalf("%s accepted as %v, but does not marshal: %v", raw, s.Time, err)
+		}
+		if len(b) != len(timeLayout)+2 {
+			t.Fatalf("%s marshals to %s, not the fixed-width form", raw, b)
+		}
+		var back Stamp
+		if err := back.UnmarshalJSON(b); err != nil {
+			t.Fatalf("%s marshals to %s, which does not read back: %v", raw, b, err)
+		}
+		if want := s.Truncate(time.Millisecond); !back.Equal(want) {
+			t.Fatalf("%s -> %s -> %v, want %v", raw, b, back.Time, want)
+		}
+		if b2, err := back.MarshalJSON(); err != nil || string(b2) != string(b) {
+			t.Fatalf("%s -> %s -> %s, %v", raw, b, b2, err)
 		}
 	})
 }

@@ -69,6 +69,7 @@ func newDevices(env Env) (deviceSet, error) {
 		Password:    cfg.SMTP.Password,
 		HELO:        cfg.SMTP.HELO,
 		Timeout:     cfg.SMTP.Timeout,
+		Logger:      env.Logger,
 	})
 	if err != nil {
 		return deviceSet{}, fmt.Errorf("smtp: %w", err)
