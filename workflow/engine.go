@@ -71,8 +71,11 @@ type Options struct {
 	// due time passed: expired claims, due retries, wake-ups (default 1m).
 	ResyncInterval time.Duration
 	// NoStartScan skips the scan at start that queues every document in a
-	// registered (type, state). The scan makes a start level-triggered even
-	// when the checkpoint is ahead of unfinished work.
+	// registered (type, state); only the documents whose due time passed
+	// are queued at start then. The scan makes a start level-triggered even
+	// when the checkpoint is ahead of unfinished work (a handler added for
+	// documents that were already there). In many-database mode it runs at
+	// a database's first engine start of the process only.
 	NoStartScan bool
 
 	// DrainTimeout bounds how long Run waits for running handlers after its

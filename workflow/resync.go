@@ -25,6 +25,18 @@ func (e *Engine) resyncLoop(ctx context.Context) {
 			return
 		}
 		e.log.Info("start scan done", "queued", n)
+	} else {
+		// Without the full scan, documents whose due time passed while no
+		// engine ran (a retry, a wake-up, a dead engine's claim) are still
+		// queued at once, not a ResyncInterval later: a supervisor starts
+		// an engine exactly when they are due.
+		err := e.retry(ctx, "due scan at start failed", func() error {
+			_, err := e.scanDue(ctx)
+			return err
+		})
+		if err != nil {
+			return
+		}
 	}
 	e.startScanned.Store(true)
 	tick := time.NewTicker(e.opts.ResyncInterval)

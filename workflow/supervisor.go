@@ -139,6 +139,11 @@ type watchedDB struct {
 	// recheck is set when /_db_updates named the database while it was
 	// settling: it is checked again once settled.
 	recheck bool
+	// scanned is set once an engine of this process finished its start
+	// scan here: later engines only scan for due documents. Between them
+	// the checkpoint covers finished work, and anything unfinished is
+	// after it in the feed or has a due time.
+	scanned bool
 	// settling is set while a stopped engine's leavings (update_seq, due
 	// time) are being recorded: discovery leaves the database alone then.
 	settling bool
@@ -430,6 +435,7 @@ func (s *Supervisor) fill(ctx context.Context, engines *sync.WaitGroup) {
 		w.waiting = false
 		opts := s.opts.Engine
 		opts.Logger = s.opts.Engine.Logger
+		opts.NoStartScan = opts.NoStartScan || w.scanned
 		eng, err := New(s.client.DB(name), s.reg, opts)
 		if err != nil {
 			s.log.Error("cannot start engine", "db", name, "err", err)
@@ -487,6 +493,9 @@ func (s *Supervisor) onExit(ctx context.Context, name string, helpers *sync.Wait
 	r := s.running[name]
 	delete(s.running, name)
 	w := s.dbs[name]
+	if r != nil && w != nil && r.eng.startScanned.Load() {
+		w.scanned = true
+	}
 	if r != nil {
 		s.stopped.Add(1)
 		addStats(&s.finished, r.eng.Stats())
@@ -717,8 +726,11 @@ func (s *Supervisor) discoveryLoop(ctx context.Context, full time.Duration) {
 	next := time.Now()
 	for {
 		if !time.Now().Before(next) {
+			// Start to start: a listing that takes a while (thousands of
+			// databases) does not stretch the interval work waits for.
+			began := time.Now()
 			s.discover(ctx)
-			next = time.Now().Add(full)
+			next = began.Add(full)
 		}
 		timer := time.NewTimer(time.Until(next))
 		select {
