@@ -144,6 +144,10 @@ type watchedDB struct {
 	// the checkpoint covers finished work, and anything unfinished is
 	// after it in the feed or has a due time.
 	scanned bool
+	// stored is the due time _local/docstate-<name>-due holds, once
+	// known (storedKnown): an unchanged one is not read or written again.
+	stored      time.Time
+	storedKnown bool
 	// settling is set while a stopped engine's leavings (update_seq, due
 	// time) are being recorded: discovery leaves the database alone then.
 	settling bool
@@ -520,13 +524,14 @@ func (s *Supervisor) settle(ctx context.Context, name string, w *watchedDB, r *r
 	if st, err := s.client.DB(name).Stats(ctx); err == nil && !r.yield {
 		seq = st.UpdateSeq
 	}
-	s.saveDue(ctx, name, due)
+	s.saveDue(ctx, name, w, due)
 	// A change written after the engine's last look and before the
 	// update_seq above was read would hide behind it: the changes after
 	// the engine's final checkpoint show it (read after the update_seq,
 	// so whatever comes later moves the update_seq instead).
 	if seq != "" {
-		if idle, _ := s.firstLook(ctx, name); !idle {
+		cp := r.eng.cp.savedSeq()
+		if more, err := s.changesAfter(ctx, s.client.DB(name), cp); cp == "" || err != nil || more {
 			seq = ""
 		}
 	}
@@ -547,7 +552,14 @@ func dueDocID(name string) string { return checkpointID(name) + "-due" }
 
 // saveDue stores (or clears) the earliest due time of a database whose
 // engine stopped, so that a restarted daemon starts its engine in time.
-func (s *Supervisor) saveDue(ctx context.Context, name string, due time.Time) {
+func (s *Supervisor) saveDue(ctx context.Context, name string, w *watchedDB, due time.Time) {
+	due = due.UTC().Truncate(time.Millisecond)
+	s.mu.Lock()
+	same := w.storedKnown && w.stored.Equal(due)
+	s.mu.Unlock()
+	if same {
+		return // most stops: no timer before, none now
+	}
 	db := s.client.DB(name)
 	id := dueDocID(s.opts.Engine.Name)
 	var cur struct {
@@ -558,16 +570,33 @@ func (s *Supervisor) saveDue(ctx context.Context, name string, due time.Time) {
 	if err != nil && !couch.IsNotFound(err) {
 		return
 	}
-	if cur.Due.time().Equal(due.UTC().Truncate(time.Millisecond)) && (cur.Rev != "" || due.IsZero()) {
-		return
+	if !cur.Due.time().Equal(due) || (cur.Rev == "" && !due.IsZero()) {
+		doc := map[string]any{"due": stamp(due)}
+		if cur.Rev != "" {
+			doc["_rev"] = cur.Rev
+		}
+		if _, err := db.Put(ctx, id, doc); err != nil {
+			s.log.Debug("due time not saved", "db", name, "err", err)
+			return
+		}
 	}
-	doc := map[string]any{"due": stamp(due)}
-	if cur.Rev != "" {
-		doc["_rev"] = cur.Rev
+	s.mu.Lock()
+	w.stored, w.storedKnown = due, true
+	s.mu.Unlock()
+}
+
+// changesAfter reports whether any change follows seq in db.
+func (s *Supervisor) changesAfter(ctx context.Context, db *kivik.DB, seq string) (bool, error) {
+	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": seq, "limit": 1}))
+	defer rows.Close()
+	more := false
+	for _, err := range rows.Iterator() {
+		if err != nil {
+			return false, err
+		}
+		more = true
 	}
-	if _, err := db.Put(ctx, id, doc); err != nil {
-		s.log.Debug("due time not saved", "db", name, "err", err)
-	}
+	return more, nil
 }
 
 // firstLook decides whether a database seen for the first time needs an
@@ -579,17 +608,7 @@ func (s *Supervisor) firstLook(ctx context.Context, name string) (idle bool, due
 	if err := db.Get(ctx, checkpointID(s.opts.Engine.Name)).ScanDoc(&cp); err != nil || cp.Seq == "" {
 		return false, time.Time{}
 	}
-	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": cp.Seq, "limit": 1}))
-	more := false
-	for _, err := range rows.Iterator() {
-		if err != nil {
-			_ = rows.Close()
-			return false, time.Time{}
-		}
-		more = true
-	}
-	_ = rows.Close()
-	if more {
+	if more, err := s.changesAfter(ctx, db, cp.Seq); err != nil || more {
 		return false, time.Time{}
 	}
 	var stored struct {
