@@ -59,6 +59,9 @@ func BenchmarkTrickle(b *testing.B) {
 
 	round := 0
 	for _, mode := range []string{workflow.DiscoveryAllDBs, workflow.DiscoveryDBUpdates} {
+		if only := os.Getenv("BENCH_DISCOVERY"); only != "" && only != mode {
+			continue
+		}
 		b.Run("discovery="+mode, func(b *testing.B) {
 			round++
 			client, serverURL := direct, couchtest.Options(b).URL
@@ -92,6 +95,14 @@ func BenchmarkTrickle(b *testing.B) {
 			opts.Engine.CheckpointInterval = 5 * time.Second
 			opts.Engine.ResyncInterval = time.Minute
 			opts.Engine.Logger = slog.New(slog.DiscardHandler)
+			if path := os.Getenv("BENCH_LOG"); path != "" { // a debug log to read timelines from
+				f, err := os.Create(path + "." + mode)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer f.Close()
+				opts.Engine.Logger = slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			}
 			sup := runSupervisor(b, client, reg, opts)
 			for sup.SupervisorStats().Watched < nDBs {
 				time.Sleep(50 * time.Millisecond)

@@ -185,6 +185,8 @@ type Engine struct {
 	stats counters
 	// batch is the group commit, nil when BatchSize is 1.
 	batch *batcher
+	// own holds the revisions this engine wrote (see ownWrites).
+	own ownWrites
 	// handlerSlots bounds handlers running at once to Workers, while more
 	// workers than that wait for their writes.
 	handlerSlots chan struct{}

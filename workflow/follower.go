@@ -55,6 +55,18 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			since = e.restartFeed(ctx)
 			continue
 		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			// The longpoll outlived the server's own timeout by its
+			// slack: PouchDB Server sometimes ignores the timeout at the
+			// head of a quiet database. That is no failure of the feed
+			// (an engine with nothing to do must stay idle, so that a
+			// supervisor can stop it), so ask again. Contact is not
+			// renewed: a server that never answers still fails
+			// readiness after feed_timeout + 35s of silence.
+			e.stats.feedErrors.Add(1)
+			e.log.Debug("changes feed request outlived its timeout; asking again", "since", since)
+			continue
+		}
 		failures++
 		e.stats.feedErrors.Add(1)
 		e.feedErr.Store(&err)

@@ -538,11 +538,43 @@ func (e *Engine) commit(ctx context.Context, doc *Doc, state string, set map[str
 
 // put writes one document, compare-and-swap on the _rev in body, through
 // the group commit when it is on.
-func (e *Engine) put(ctx context.Context, id string, body map[string]json.RawMessage) (string, error) {
+func (e *Engine) put(ctx context.Context, id string, body map[string]json.RawMessage) (rev string, err error) {
 	if e.batch != nil {
-		return e.batch.put(ctx, id, body)
+		rev, err = e.batch.put(ctx, id, body)
+	} else {
+		rev, err = e.db.Put(ctx, id, body)
 	}
-	return e.db.Put(ctx, id, body)
+	if err == nil {
+		e.own.add(id, rev)
+	}
+	return rev, err
+}
+
+// ownWrites remembers the revisions an engine wrote, so that a supervisor
+// can tell a stopped engine's own late feed rows from someone else's
+// change. It is bounded: when full it starts over, which only makes the
+// supervisor start an engine that finds nothing to do.
+type ownWrites struct {
+	mu   sync.Mutex
+	revs map[string]string // id → last revision written
+}
+
+const maxOwnWrites = 10000
+
+func (o *ownWrites) add(id, rev string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.revs == nil || len(o.revs) >= maxOwnWrites {
+		o.revs = make(map[string]string)
+	}
+	o.revs[id] = rev
+}
+
+// wrote reports whether rev of id is the last revision this engine wrote.
+func (o *ownWrites) wrote(id, rev string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return rev != "" && o.revs[id] == rev
 }
 
 // reset makes doc reflect body after it was written as rev.

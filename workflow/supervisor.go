@@ -531,7 +531,7 @@ func (s *Supervisor) settle(ctx context.Context, name string, w *watchedDB, r *r
 	// so whatever comes later moves the update_seq instead).
 	if seq != "" {
 		cp := r.eng.cp.savedSeq()
-		if more, err := s.changesAfter(ctx, s.client.DB(name), cp); cp == "" || err != nil || more {
+		if others, err := s.othersChanges(ctx, s.client.DB(name), cp, r.eng); cp == "" || err != nil || others {
 			seq = ""
 		}
 	}
@@ -583,6 +583,28 @@ func (s *Supervisor) saveDue(ctx context.Context, name string, w *watchedDB, due
 	s.mu.Lock()
 	w.stored, w.storedKnown = due, true
 	s.mu.Unlock()
+}
+
+// othersChanges reports whether a change follows seq in db that eng did
+// not write itself. An engine stops as soon as its work is done, often
+// before the feed brought back its last writes; those rows are after its
+// checkpoint but are no work, and starting an engine for them would only
+// find that out. More than a page of rows counts as work.
+func (s *Supervisor) othersChanges(ctx context.Context, db *kivik.DB, seq string, eng *Engine) (bool, error) {
+	const page = 100
+	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": seq, "limit": page}))
+	defer rows.Close()
+	n := 0
+	for ch, err := range rows.Iterator() {
+		if err != nil {
+			return false, err
+		}
+		n++
+		if len(ch.Changes) == 0 || !eng.own.wrote(ch.ID, ch.Changes[0]) {
+			return true, nil
+		}
+	}
+	return n >= page, nil
 }
 
 // changesAfter reports whether any change follows seq in db.
@@ -765,7 +787,13 @@ func (s *Supervisor) discoveryLoop(ctx context.Context, full time.Duration) {
 			s.mu.Lock()
 			names := make([]string, 0, len(s.dirty))
 			for n := range s.dirty {
-				names = append(names, n)
+				// A running engine's own feed sees the change; one
+				// stopping checks the changes after its checkpoint as it
+				// settles. Most events of a busy database are its
+				// engine's own writes: no request for those.
+				if s.running[n] == nil {
+					names = append(names, n)
+				}
 			}
 			clear(s.dirty)
 			s.mu.Unlock()

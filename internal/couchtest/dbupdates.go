@@ -116,6 +116,8 @@ func (s *DBUpdatesServer) observe(r *http.Request, status int) {
 		typ = "deleted"
 	case strings.HasPrefix(rest, "_local/"):
 		return // CouchDB does not report local documents either
+	case r.Method == http.MethodPost && strings.HasPrefix(rest, "_") && rest != "_bulk_docs" && rest != "_purge":
+		return // queries sent as POST (_find, _all_docs, _changes, _bulk_get…) write nothing
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
