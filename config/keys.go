@@ -365,7 +365,7 @@ func keyTable() []key {
 			"engines (feeds) running at once in many-database mode; databases with work wait their turn; 1..10000",
 			func(c *Config) *int { return &c.Databases.MaxOpen }, intCodec(), intBetween(1, 10000)),
 		newKey("databases.discovery_interval",
-			"how often _all_dbs is listed and update_seqs compared: work is noticed within it; 100ms..1h",
+			"how often _all_dbs is listed and update_seqs compared (every 10 with /_db_updates): work is noticed within it; 100ms..1h",
 			func(c *Config) *time.Duration { return &c.Databases.DiscoveryInterval }, durationCodec(),
 			durationBetween(100*time.Millisecond, time.Hour)),
 		newKey("databases.idle_stop",

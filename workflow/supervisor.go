@@ -236,12 +236,13 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		s.log.Info("many-database mode: discovery by /_db_updates, with an _all_dbs catch-up",
 			"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "catch_up_interval", full)
 		helpers.Go(func() { s.followDBUpdates(ctx, since) })
+		helpers.Go(func() { s.dirtyLoop(ctx) })
 	} else {
 		s.setMode(DiscoveryAllDBs)
 		s.log.Info("many-database mode: discovery by _all_dbs and update_seq",
 			"patterns", s.opts.Patterns, "max_open", s.opts.MaxOpen, "interval", full)
 	}
-	helpers.Go(func() { s.discoveryLoop(ctx, full) })
+	helpers.Go(func() { s.listLoop(ctx, full, feed) })
 	// Idle engines are looked for often: a slot held by an engine with
 	// nothing to do is a slot another database waits for.
 	tick := time.NewTicker(min(100*time.Millisecond, s.opts.IdleStop/2))
@@ -267,8 +268,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 // discover lists the databases, drops the ones gone, and queues those
 // whose update_seq moved since their engine left them, or whose earliest
-// due time passed.
-func (s *Supervisor) discover(ctx context.Context) {
+// due time passed. Databases whose engine runs are not asked: their feed
+// sees their changes. concurrency bounds the info requests at once.
+func (s *Supervisor) discover(ctx context.Context, concurrency int) {
 	s.scans.Add(1)
 	names, err := s.client.AllDBs(ctx)
 	if err != nil {
@@ -280,13 +282,15 @@ func (s *Supervisor) discover(ctx context.Context) {
 	}
 	var matched []string
 	present := make(map[string]bool, len(names))
+	s.mu.Lock()
 	for _, n := range names {
 		if s.Matches(n) {
-			matched = append(matched, n)
 			present[n] = true
+			if s.running[n] == nil {
+				matched = append(matched, n)
+			}
 		}
 	}
-	s.mu.Lock()
 	var gone []string
 	for name := range s.dbs {
 		if !present[name] {
@@ -297,12 +301,12 @@ func (s *Supervisor) discover(ctx context.Context) {
 	for _, name := range gone {
 		s.drop(name)
 	}
-	failed := s.check(ctx, matched)
+	failed := s.check(ctx, matched, concurrency)
 	if ctx.Err() != nil {
 		return
 	}
 	if failed > 0 {
-		err := fmt.Errorf("%d of %d databases could not be read", failed, len(matched))
+		err := fmt.Errorf("%d of %d databases could not be read", failed, len(present))
 		s.scanErr.Store(&err)
 		s.log.Warn("database discovery incomplete", "err", err)
 	} else {
@@ -315,7 +319,7 @@ func (s *Supervisor) discover(ctx context.Context) {
 // requests at a time, and queues those whose update_seq moved since their
 // engine left them, or whose earliest due time passed. A database that is
 // gone is dropped. It returns how many could not be read.
-func (s *Supervisor) check(ctx context.Context, matched []string) (failed int) {
+func (s *Supervisor) check(ctx context.Context, matched []string, concurrency int) (failed int) {
 	type info struct {
 		name, seq string
 		err       error
@@ -326,7 +330,7 @@ func (s *Supervisor) check(ctx context.Context, matched []string) (failed int) {
 	work := make(chan string)
 	results := make(chan info)
 	var askers sync.WaitGroup
-	for range s.opts.Concurrency {
+	for range concurrency {
 		askers.Go(func() {
 			for name := range work {
 				st, err := s.client.DB(name).Stats(ctx)
@@ -761,19 +765,21 @@ func (s *Supervisor) Mode() string {
 	return ""
 }
 
-// discoveryLoop lists every database now and every full interval, and in
-// between checks the databases /_db_updates named.
-func (s *Supervisor) discoveryLoop(ctx context.Context, full time.Duration) {
-	next := time.Now()
+// listLoop lists every database now and every full interval (and at once
+// after a /_db_updates gap). Beside the feed (gentle) the listing is only a
+// catch-up: after the first it asks a quarter as many databases at once,
+// so it does not crowd out the engines' requests.
+func (s *Supervisor) listLoop(ctx context.Context, full time.Duration, gentle bool) {
+	concurrency := s.opts.Concurrency
 	for {
-		if !time.Now().Before(next) {
-			// Start to start: a listing that takes a while (thousands of
-			// databases) does not stretch the interval work waits for.
-			began := time.Now()
-			s.discover(ctx)
-			next = began.Add(full)
+		// Start to start: a listing that takes a while (thousands of
+		// databases) does not stretch the interval work waits for.
+		began := time.Now()
+		s.discover(ctx, concurrency)
+		if gentle {
+			concurrency = max(1, s.opts.Concurrency/4)
 		}
-		timer := time.NewTimer(time.Until(next))
+		timer := time.NewTimer(time.Until(began.Add(full)))
 		select {
 		case <-ctx.Done():
 			timer.Stop()
@@ -781,24 +787,32 @@ func (s *Supervisor) discoveryLoop(ctx context.Context, full time.Duration) {
 		case <-timer.C:
 		case <-s.catchUp:
 			timer.Stop()
-			next = time.Now()
-		case <-s.checkDirty:
-			timer.Stop()
-			s.mu.Lock()
-			names := make([]string, 0, len(s.dirty))
-			for n := range s.dirty {
-				// A running engine's own feed sees the change; one
-				// stopping checks the changes after its checkpoint as it
-				// settles. Most events of a busy database are its
-				// engine's own writes: no request for those.
-				if s.running[n] == nil {
-					names = append(names, n)
-				}
-			}
-			clear(s.dirty)
-			s.mu.Unlock()
-			s.check(ctx, names)
 		}
+	}
+}
+
+// dirtyLoop checks the databases /_db_updates named, beside the listing.
+func (s *Supervisor) dirtyLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.checkDirty:
+		}
+		s.mu.Lock()
+		names := make([]string, 0, len(s.dirty))
+		for n := range s.dirty {
+			// A running engine's own feed sees the change; one stopping
+			// checks the changes after its checkpoint as it settles.
+			// Most events of a busy database are its engine's own
+			// writes: no request for those.
+			if s.running[n] == nil {
+				names = append(names, n)
+			}
+		}
+		clear(s.dirty)
+		s.mu.Unlock()
+		s.check(ctx, names, s.opts.Concurrency)
 	}
 }
 
