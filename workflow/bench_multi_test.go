@@ -27,12 +27,21 @@ import (
 //
 //	go test -run '^$' -bench ManyDatabases -benchtime 2000x ./workflow/
 //	BENCH_SHARD=1 ...   # daemons split the databases by hash (databases.shard)
+//	BENCH_HANDLER_MS=100 BENCH_MAX_OPEN=4 BENCH_WORKERS=2 ...
+//	                    # each handler takes 100ms (a mail relay's latency),
+//	                    # each daemon runs 4 engines of 2 handlers: the
+//	                    # daemons, not the server, are the limit
 //	BENCH_DBS=2000 go test -run '^$' -bench 'ManyDatabases/daemons=1$' -benchtime 4000x ./workflow/
 func BenchmarkManyDatabases(b *testing.B) {
 	nDBs := 200
 	if v, err := strconv.Atoi(os.Getenv("BENCH_DBS")); err == nil && v > 0 {
 		nDBs = v
 	}
+	var handlerTime time.Duration
+	if os.Getenv("BENCH_HANDLER_MS") != "" {
+		handlerTime = time.Duration(envInt(b, "BENCH_HANDLER_MS", 0)) * time.Millisecond
+	}
+	maxOpen, workers := envInt(b, "BENCH_MAX_OPEN", 32), envInt(b, "BENCH_WORKERS", 8)
 	for _, daemons := range []int{1, 2, 4} {
 		b.Run(fmt.Sprintf("daemons=%d", daemons), func(b *testing.B) {
 			client := couchtest.Client(b)
@@ -60,12 +69,20 @@ func BenchmarkManyDatabases(b *testing.B) {
 					}
 					lastDone = now
 					mu.Unlock()
+					if handlerTime > 0 {
+						select {
+						case <-time.After(handlerTime):
+						case <-ctx.Done():
+							return workflow.Result{}, ctx.Err()
+						}
+					}
 					return workflow.Transition("sent"), nil
 				})})
 			var sups []*workflow.Supervisor
 			for i := range daemons {
 				opts := supervisorOptions(b, prefix+"-*")
-				opts.MaxOpen = 32
+				opts.MaxOpen = maxOpen
+				opts.Engine.Workers = workers
 				opts.DiscoveryInterval = 500 * time.Millisecond
 				opts.IdleStop = 2 * time.Second
 				opts.Engine.Owner = fmt.Sprintf("bench-daemon-%d", i)
