@@ -6,8 +6,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"io"
 	mrand "math/rand/v2"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,7 +71,8 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 	ledger := filepath.Join(dir, "ledger")
 	mock := mailtest.StartMock(t, mailtest.MockOptions{})
 	mocks := []*mailtest.Mock{mock}
-	config := writeConfig(t, dir, srv, mock.Port())
+	httpAddr := freeAddr(t)
+	config := writeConfig(t, dir, srv, mock.Port(), httpAddr)
 
 	var logs []*bytes.Buffer
 	run := func() *daemon {
@@ -101,6 +106,7 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 		st := tally(t, db)
 		return st.settled(), progress(t, db)
 	})
+	metrics := scrape(t, "http://"+httpAddr+"/metrics")
 	last.stop(t)
 
 	// Check the outcome.
@@ -146,19 +152,33 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 	if len(codes) == 0 {
 		t.Fatal("no code found in the mails")
 	}
-	// Nothing secret in what the daemons logged.
+	// Nothing secret in what the daemons logged, in what they export as
+	// metrics (no address either: labels are for types and states), or in
+	// any document of any database, the channels' included (they
+	// replicate to devices).
+	secrets := append(codes, srv.Options().Password)
 	for i, l := range logs {
 		text := l.String()
-		for _, secret := range append(codes, srv.Options().Password) {
+		for _, secret := range secrets {
 			if strings.Contains(text, secret) {
 				t.Errorf("daemon run %d logged a secret (%q…)", i+1, secret[:3])
 			}
 		}
 	}
+	if !strings.Contains(metrics, "docstate_") {
+		t.Fatalf("no docstate metrics scraped:\n%.500s", metrics)
+	}
+	for _, secret := range append(secrets, "@example.test") {
+		if strings.Contains(metrics, secret) {
+			t.Errorf("metrics hold a secret or an address (%q…)", secret[:3])
+		}
+	}
+	scanned := scanDocs(t, admin, secrets)
 	t.Logf("docs %d (safe %d, unsafe %d, devices %d, channels %d), daemon kills %d, server restarts 1, SMTP drops 1: "+
-		"duplicates %d, lost %d, claims left %d; unsafe re-runs under the same key %d, mails %d for %d devices",
+		"duplicates %d, lost %d, claims left %d; unsafe re-runs under the same key %d, mails %d for %d devices; "+
+		"no code or password in %d log bytes, %d metrics bytes, %d documents",
 		st.total(), st.safeDone, len(st.unsafe), len(st.devices), st.channelsReady, kills,
-		duplicates, lost, st.claims, repeats, mails, len(mailIDs))
+		duplicates, lost, st.claims, repeats, mails, len(mailIDs), logBytes(logs), len(metrics), scanned)
 	if duplicates != 0 || lost != 0 || st.claims != 0 {
 		t.Fatalf("duplicates %d, lost %d, claims left %d", duplicates, lost, st.claims)
 	}
@@ -175,7 +195,7 @@ func build(t *testing.T) string {
 	return bin
 }
 
-func writeConfig(t *testing.T, dir string, srv *couchtest.Server, smtpPort int) string {
+func writeConfig(t *testing.T, dir string, srv *couchtest.Server, smtpPort int, httpAddr string) string {
 	t.Helper()
 	secret := filepath.Join(dir, "secret")
 	var b [32]byte
@@ -202,7 +222,7 @@ engine:
 log:
   level: debug
 http:
-  listen: ""
+  listen: %s
 smtp:
   host: 127.0.0.1
   port: %d
@@ -217,7 +237,7 @@ channels:
   enabled: true
   prefix: fault-
   reconcile_interval: 1s
-`, o.URL, o.Username, o.Password, smtpPort, secret)
+`, o.URL, o.Username, o.Password, httpAddr, smtpPort, secret)
 	path := filepath.Join(dir, "docstate.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -428,4 +448,82 @@ func tail(s string, n int) string {
 		return s
 	}
 	return s[len(s)-n:]
+}
+
+// freeAddr returns a loopback address with a port free now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	return addr
+}
+
+// scrape reads the daemon's metrics page.
+func scrape(t *testing.T, url string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("scrape %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("scrape %s: %d %v", url, resp.StatusCode, err)
+	}
+	return string(b)
+}
+
+// scanDocs reads every document of every user database (the control
+// database and every channel's) and reports any that holds a secret. It
+// returns how many documents it read.
+func scanDocs(t *testing.T, admin *kivik.Client, secrets []string) int {
+	t.Helper()
+	ctx := context.Background()
+	names, err := admin.AllDBs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, name := range names {
+		if strings.HasPrefix(name, "_") {
+			continue // _users holds the devices' credentials, by design
+		}
+		rows := admin.DB(name).AllDocs(ctx, kivik.Param("include_docs", true))
+		for rows.Next() {
+			var raw json.RawMessage
+			if err := rows.ScanDoc(&raw); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			n++
+			for _, secret := range secrets {
+				if strings.Contains(string(raw), secret) {
+					id, _ := rows.ID()
+					t.Errorf("%s/%s holds a secret (%q…)", name, id, secret[:3])
+				}
+			}
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		_ = rows.Close()
+	}
+	return n
+}
+
+func logBytes(logs []*bytes.Buffer) int {
+	n := 0
+	for _, l := range logs {
+		n += l.Len()
+	}
+	return n
 }
