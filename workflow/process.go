@@ -214,6 +214,8 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		return transient, false
 	}
 	defer release()
+	// The lease counts from now, not from before the wait for a slot.
+	claim.Expires = Stamp{time.Now().Add(spec.Lease).UTC().Truncate(time.Millisecond)}
 	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
 	if err != nil {
 		return e.settle(err, &e.stats.claimsLost, nil, func(err error) (outcome, bool) {
