@@ -58,13 +58,24 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		if errors.Is(err, context.DeadlineExceeded) {
 			// The longpoll outlived the server's own timeout by its
 			// slack: PouchDB Server sometimes ignores the timeout at the
-			// head of a quiet database. That is no failure of the feed
-			// (an engine with nothing to do must stay idle, so that a
-			// supervisor can stop it), so ask again. Contact is not
-			// renewed: a server that never answers still fails
-			// readiness after feed_timeout + 35s of silence.
+			// head of a quiet database, and always on a database deleted
+			// under the request. Neither is a failure of the feed (an
+			// engine with nothing to do must stay idle, so that a
+			// supervisor can stop it), so it is not recorded as one; the
+			// request is made again after the same pause as after a
+			// failure, which is also the window in which PouchDB Server
+			// lets a deleted database be created again (it refuses while
+			// a request holds it, and a database request in the pause
+			// would hold it too). Contact is not renewed, so a server
+			// that never answers still fails readiness after
+			// feed_timeout + 35s of silence.
+			failures++
 			e.stats.feedErrors.Add(1)
-			e.log.Debug("changes feed request outlived its timeout; asking again", "since", since)
+			d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+			e.log.Debug("changes feed request outlived its timeout; asking again", "since", since, "in", d.Round(time.Millisecond))
+			if !sleep(ctx, d) {
+				return
+			}
 			continue
 		}
 		failures++
