@@ -341,3 +341,16 @@ func securityOf(m map[string]any) *kivik.Security {
 	_ = json.Unmarshal(b, &s)
 	return &s
 }
+
+// registerAndMail writes dv's registration, waits for it to reach
+// confirming and for the one mail it sends, and returns that mail's body.
+func registerAndMail(t testing.TB, f fixture, mock *mailtest.Mock, dv device) string {
+	t.Helper()
+	put(t, f.db, dv.doc())
+	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
+	mails := mock.WaitReceived(t, 1, 10*time.Second)
+	if len(mails) != 1 {
+		t.Fatalf("%d mails, want 1", len(mails))
+	}
+	return readBody(t, mails[0])
+}

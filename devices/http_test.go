@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/internal/couchtest"
@@ -160,13 +159,7 @@ func TestNoLinkForIDThePageRefuses(t *testing.T) {
 	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.BaseURL = "https://docstate.example.test" })
 	f.start(t, nil)
 	dv := newDevice(t, "dev-\u0085-ctl", "ctl@example.test")
-	put(t, f.db, dv.doc())
-	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
-	mails := mock.WaitReceived(t, 1, 10*time.Second)
-	if len(mails) != 1 {
-		t.Fatalf("%d mails", len(mails))
-	}
-	body := readBody(t, mails[0])
+	body := registerAndMail(t, f, mock, dv)
 	codeIn(t, body)
 	if strings.Contains(body, ConfirmPath) {
 		t.Fatalf("mail for id %q has a link:\n%s", dv.id, body)

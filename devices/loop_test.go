@@ -111,13 +111,7 @@ func TestConfirmationLink(t *testing.T) {
 	t.Cleanup(srv.Close)
 
 	dv := newDevice(t, "dev-link", "link@example.test")
-	put(t, f.db, dv.doc())
-	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
-	mails := mock.WaitReceived(t, 1, 10*time.Second)
-	if len(mails) != 1 {
-		t.Fatalf("%d mails", len(mails))
-	}
-	body := readBody(t, mails[0])
+	body := registerAndMail(t, f, mock, dv)
 	code := codeIn(t, body)
 	i := strings.Index(body, "https://docstate.example.test/devices/confirm?")
 	if i < 0 {

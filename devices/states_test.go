@@ -136,9 +136,7 @@ func TestWrongCodeTooManyAttemptsAndResendTooSoon(t *testing.T) {
 	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.MaxAttempts = 3 })
 	f.start(t, nil)
 	dv := newDevice(t, "dev-wrong", "wrong@example.test")
-	put(t, f.db, dv.doc())
-	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
-	code := codeIn(t, readBody(t, mock.WaitReceived(t, 1, 10*time.Second)[0]))
+	code := codeIn(t, registerAndMail(t, f, mock, dv))
 	wrong := fmt.Sprintf("%08d", (atoi(code)+1)%100_000_000)
 
 	// Resend too soon: denied with a reason, still confirming, no mail.
@@ -199,9 +197,7 @@ func TestExpiredCodeAndResendAllowed(t *testing.T) {
 
 	// Resend after the interval: a new code replaces the old one.
 	dv := newDevice(t, "dev-resend", "resend@example.test")
-	put(t, f.db, dv.doc())
-	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
-	old := codeIn(t, readBody(t, mock.WaitReceived(t, 1, 10*time.Second)[0]))
+	old := codeIn(t, registerAndMail(t, f, mock, dv))
 	settled(t, f.db, dv.id)
 	update(t, f.db, dv.id, func(d map[string]any) { d[FieldResendRequested] = true })
 	mails := mock.WaitReceived(t, 2, 10*time.Second)
@@ -369,9 +365,7 @@ func TestConcurrentAttemptsCannotExceedLimit(t *testing.T) {
 		f.start(t, nil)
 	}
 	dv := newDevice(t, "dev-brute", "brute@example.test")
-	put(t, f.db, dv.doc())
-	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
-	code := codeIn(t, readBody(t, mock.WaitReceived(t, 1, 10*time.Second)[0]))
+	code := codeIn(t, registerAndMail(t, f, mock, dv))
 
 	var wg sync.WaitGroup
 	var written atomic.Int32

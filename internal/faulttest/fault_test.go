@@ -418,6 +418,13 @@ func start(t *testing.T, bin, config, ledger string) *daemon {
 	go func() { d.done <- d.cmd.Wait() }()
 	t.Cleanup(func() {
 		_ = d.cmd.Process.Kill()
+		if (t.Failed() || os.Getenv("FAULT_KEEP_LOGS") != "") && os.Getenv("FAULT_LOG_DIR") != "" {
+			// The daemons' logs explain a failure; CI keeps them.
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			path := filepath.Join(os.Getenv("FAULT_LOG_DIR"), fmt.Sprintf("faultd-%d.log", d.cmd.Process.Pid))
+			_ = os.WriteFile(path, d.log.Bytes(), 0o644)
+		}
 	})
 	return d
 }
