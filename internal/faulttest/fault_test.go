@@ -102,7 +102,7 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 	}
 	seed(t, db, waves)
 	last := run()
-	workflowtest.Eventually(t, 120*time.Second, "everything settled", func() (bool, string) {
+	workflowtest.Eventually(t, 180*time.Second, "everything settled", func() (bool, string) {
 		st := tally(t, db)
 		return st.settled(), progress(t, db)
 	})
