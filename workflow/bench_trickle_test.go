@@ -38,6 +38,9 @@ import (
 // the run (all of it, and per watched database):
 //
 //	go test -run '^$' -bench Trickle -benchtime 400x -timeout 30m ./workflow/
+//
+// BENCH_DISCOVERY=all_dbs or db_updates runs one mode only; BENCH_LOG=path
+// writes each mode's debug log to path.<mode>, to read engines' timelines.
 func BenchmarkTrickle(b *testing.B) {
 	nDBs := envInt(b, "BENCH_DBS", 2000)
 	rate := envInt(b, "BENCH_RATE", 20)

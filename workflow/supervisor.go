@@ -589,11 +589,11 @@ func (s *Supervisor) saveDue(ctx context.Context, name string, w *watchedDB, due
 	s.mu.Unlock()
 }
 
-// othersChanges reports whether a change follows seq in db that eng did
-// not write itself. An engine stops as soon as its work is done, often
-// before the feed brought back its last writes; those rows are after its
-// checkpoint but are no work, and starting an engine for them would only
-// find that out. More than a page of rows counts as work.
+// othersChanges reports whether a change follows seq in db that eng (nil:
+// no engine) did not write itself. An engine stops as soon as its work is
+// done, often before the feed brought back its last writes; those rows are
+// after its checkpoint but are no work, and starting an engine for them
+// would only find that out. More than a page of rows counts as work.
 func (s *Supervisor) othersChanges(ctx context.Context, db *kivik.DB, seq string, eng *Engine) (bool, error) {
 	const page = 100
 	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": seq, "limit": page}))
@@ -604,25 +604,11 @@ func (s *Supervisor) othersChanges(ctx context.Context, db *kivik.DB, seq string
 			return false, err
 		}
 		n++
-		if len(ch.Changes) == 0 || !eng.own.wrote(ch.ID, ch.Changes[0]) {
+		if eng == nil || len(ch.Changes) == 0 || !eng.own.wrote(ch.ID, ch.Changes[0]) {
 			return true, nil
 		}
 	}
 	return n >= page, nil
-}
-
-// changesAfter reports whether any change follows seq in db.
-func (s *Supervisor) changesAfter(ctx context.Context, db *kivik.DB, seq string) (bool, error) {
-	rows := db.Changes(ctx, kivik.Params(map[string]any{"since": seq, "limit": 1}))
-	defer rows.Close()
-	more := false
-	for _, err := range rows.Iterator() {
-		if err != nil {
-			return false, err
-		}
-		more = true
-	}
-	return more, nil
 }
 
 // firstLook decides whether a database seen for the first time needs an
@@ -634,7 +620,7 @@ func (s *Supervisor) firstLook(ctx context.Context, name string) (idle bool, due
 	if err := db.Get(ctx, checkpointID(s.opts.Engine.Name)).ScanDoc(&cp); err != nil || cp.Seq == "" {
 		return false, time.Time{}
 	}
-	if more, err := s.changesAfter(ctx, db, cp.Seq); err != nil || more {
+	if more, err := s.othersChanges(ctx, db, cp.Seq, nil); err != nil || more {
 		return false, time.Time{}
 	}
 	var stored struct {
