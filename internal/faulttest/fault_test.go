@@ -108,6 +108,23 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 	})
 	metrics := scrape(t, "http://"+httpAddr+"/metrics")
 	last.stop(t)
+	// A run that began after the check above (a device's confirming run
+	// follows its mail) may be cut by the drain timeout under load,
+	// leaving its claim: the next start takes it over once its lease ran
+	// out. That is the guarantee, so it is what is checked: at most two
+	// more starts settle everything with no claim left.
+	for extra := 1; tally(t, db).claims != 0; extra++ {
+		if extra > 2 {
+			t.Fatalf("claims still left after %d more starts: %s", extra-1, progress(t, db))
+		}
+		t.Logf("claims left after the graceful stop (%s); start %d more", progress(t, db), extra)
+		d := run()
+		workflowtest.Eventually(t, 60*time.Second, "claims taken over", func() (bool, string) {
+			st := tally(t, db)
+			return st.settled(), progress(t, db)
+		})
+		d.stop(t)
+	}
 
 	// Check the outcome.
 	st := tally(t, db)
