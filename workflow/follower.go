@@ -55,6 +55,9 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			since = e.restartFeed(ctx)
 			continue
 		}
+		failures++
+		e.stats.feedErrors.Add(1)
+		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 		if errors.Is(err, context.DeadlineExceeded) {
 			// The longpoll outlived the server's own timeout by its
 			// slack: PouchDB Server sometimes ignores the timeout at the
@@ -69,20 +72,11 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			// would hold it too). Contact is not renewed, so a server
 			// that never answers still fails readiness after
 			// feed_timeout + 35s of silence.
-			failures++
-			e.stats.feedErrors.Add(1)
-			d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 			e.log.Debug("changes feed request outlived its timeout; asking again", "since", since, "in", d.Round(time.Millisecond))
-			if !sleep(ctx, d) {
-				return
-			}
-			continue
+		} else {
+			e.feedErr.Store(&err)
+			e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
 		}
-		failures++
-		e.stats.feedErrors.Add(1)
-		e.feedErr.Store(&err)
-		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
-		e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
 		if couch.IsNotFound(err) {
 			// The database is gone. When it comes back it is a new
 			// database: the checkpoint verify below notices that.
