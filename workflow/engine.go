@@ -185,8 +185,9 @@ type Engine struct {
 	stats counters
 	// batch is the group commit, nil when BatchSize is 1.
 	batch *batcher
-	// own holds the revisions this engine wrote (see ownWrites).
-	own ownWrites
+	// own holds the revisions this engine wrote (see ownWrites); set by a
+	// supervisor, nil otherwise, so a single engine's writes pay nothing.
+	own *ownWrites
 	// handlerSlots bounds handlers running at once to Workers, while more
 	// workers than that wait for their writes.
 	handlerSlots chan struct{}

@@ -172,11 +172,7 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 // accepted, and writes the result under the claim.
 func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) (outcome, bool) {
 	now := time.Now()
-	claim := &Claim{
-		Owner:   e.opts.Owner,
-		Expires: Stamp{now.Add(spec.Lease).UTC().Truncate(time.Millisecond)},
-		Attempt: meta.Claims + 1,
-	}
+	claim := &Claim{Owner: e.opts.Owner, Attempt: meta.Claims + 1} // Expires once a slot is ours
 	claim.Key = meta.Key
 	if claim.Key == "" {
 		claim.Key = fmt.Sprintf("%s/%s/%d", doc.ID, doc.State, claim.Attempt)
@@ -555,7 +551,8 @@ func (e *Engine) put(ctx context.Context, id string, body map[string]json.RawMes
 // ownWrites remembers the revisions an engine wrote, so that a supervisor
 // can tell a stopped engine's own late feed rows from someone else's
 // change. It is bounded: when full it starts over, which only makes the
-// supervisor start an engine that finds nothing to do.
+// supervisor start an engine that finds nothing to do. Only a supervisor's
+// engines keep one; a nil *ownWrites remembers nothing.
 type ownWrites struct {
 	mu   sync.Mutex
 	revs map[string]string // id → last revision written
@@ -564,6 +561,9 @@ type ownWrites struct {
 const maxOwnWrites = 10000
 
 func (o *ownWrites) add(id, rev string) {
+	if o == nil {
+		return
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.revs == nil || len(o.revs) >= maxOwnWrites {
@@ -574,6 +574,9 @@ func (o *ownWrites) add(id, rev string) {
 
 // wrote reports whether rev of id is the last revision this engine wrote.
 func (o *ownWrites) wrote(id, rev string) bool {
+	if o == nil {
+		return false
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return rev != "" && o.revs[id] == rev

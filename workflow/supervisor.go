@@ -383,7 +383,9 @@ func (s *Supervisor) check(ctx context.Context, matched []string, concurrency in
 			// changes follow its checkpoint or its stored due time passed.
 			w = &watchedDB{}
 			if r.idle {
+				// firstLook read the stored due time: it is known.
 				w.seen, w.due = r.seq, r.due
+				w.stored, w.storedKnown = r.due.UTC().Truncate(time.Millisecond), true
 			}
 			s.dbs[r.name] = w
 		}
@@ -449,6 +451,7 @@ func (s *Supervisor) fill(ctx context.Context, engines *sync.WaitGroup) {
 			s.log.Error("cannot start engine", "db", name, "err", err)
 			continue
 		}
+		eng.own = &ownWrites{}
 		ectx, cancel := context.WithCancel(ctx)
 		r := &runningDB{eng: eng, cancel: cancel, started: time.Now()}
 		s.running[name] = r
