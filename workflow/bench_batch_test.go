@@ -94,7 +94,8 @@ func rawBulkRate(b *testing.B, db *kivik.DB, n, c, size int) float64 {
 }
 
 // BenchmarkLatency measures the time from a document's write (its
-// acknowledgement) to the end of its handler's run, at a steady offered
+// acknowledgement) to the end of its handler's run, safe and unsafe (claim,
+// run, result) with group commit and safe without, at a steady offered
 // load: BENCH_RATE docs/s, written in small _bulk_docs every 10ms as
 // replication delivers them. The default, 1350, is half of the live rate at
 // which the engine saturates with 16 workers on PouchDB Server here (about
@@ -111,10 +112,15 @@ func BenchmarkLatency(b *testing.B) {
 			b.Fatalf("BENCH_RATE=%q: want a positive number", s)
 		}
 	}
-	for _, batch := range []int{0, 1} {
-		name := "batch=on"
+	cases := []struct {
+		mode  workflow.Mode
+		batch int
+	}{{workflow.Safe, 0}, {workflow.Unsafe, 0}, {workflow.Safe, 1}}
+	for _, tc := range cases {
+		batch := tc.batch
+		name := fmt.Sprintf("%s/batch=on", tc.mode)
 		if batch == 1 {
-			name = "batch=off"
+			name = fmt.Sprintf("%s/batch=off", tc.mode)
 		}
 		b.Run(name, func(b *testing.B) {
 			db := couchtest.NewDB(b, couchtest.Client(b))
@@ -123,7 +129,7 @@ func BenchmarkLatency(b *testing.B) {
 			acked := make(map[string]time.Time, b.N)
 			early := make(map[string]time.Time)
 			reg := workflow.NewRegistry()
-			reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe,
+			reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: tc.mode,
 				Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 					done := time.Now()
 					mu.Lock()

@@ -191,6 +191,14 @@ type Engine struct {
 	// handlerSlots bounds handlers running at once to Workers, while more
 	// workers than that wait for their writes.
 	handlerSlots chan struct{}
+	// ahead bounds unsafe claims written ahead of their handler slot;
+	// parked counts runs waiting in it or for a slot, which will not write
+	// soon, so a group commit need not wait for them.
+	ahead  *aheadGate
+	parked atomic.Int64
+	// stopping is closed when the engine starts to drain: claims waiting
+	// for a slot are released rather than run.
+	stopping <-chan struct{}
 
 	resetFeed chan struct{}
 	running   atomic.Bool
@@ -231,9 +239,11 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		resetFeed: make(chan struct{}, 1),
 
 		handlerSlots: make(chan struct{}, opts.Workers),
+		ahead:        newAheadGate(opts.Workers, opts.BatchSize),
 	}
 	if opts.BatchSize > 1 {
-		e.batch = newBatcher(db, opts.BatchSize, opts.BatchLinger, e.stats.inflight.Load, e.onFlush)
+		busy := func() int64 { return e.stats.inflight.Load() - e.parked.Load() }
+		e.batch = newBatcher(db, opts.BatchSize, opts.BatchLinger, busy, e.onFlush)
 	}
 	for _, s := range reg.Specs() {
 		if s.Timeout == 0 {
@@ -302,6 +312,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	// side effects in half.
 	work, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
+	e.stopping = ctx.Done()
 
 	var background, workers, writer sync.WaitGroup
 	background.Go(func() { e.q.runTimers(ctx) })
@@ -427,6 +438,9 @@ type Stats struct {
 	ClaimsLost       int64 // unsafe claim writes that lost the race
 	ClaimsHeld       int64 // documents skipped because another owner holds a live claim
 	ClaimsTakenOver  int64 // expired claims taken over (RetryExpired)
+	ClaimsRenewed    int64 // leases renewed while their claim waited for a handler slot
+	ClaimsReleased   int64 // claims given back unrun because the engine stopped
+	ClaimsWaiting    int64 // claims written and waiting for a handler slot now
 	ClaimsExpired    int64 // expired claims sent to the error state (FailExpired)
 	ResultsDropped   int64 // unsafe results not written because the claim was lost meanwhile
 	RetriesScheduled int64 // failed runs recorded with a backoff
@@ -456,6 +470,7 @@ type counters struct {
 	resultsDropped, retries, failed, invalid, skipped, transient              atomic.Int64
 	feedRequests, feedErrors, feedResets, checkpoints, resyncQueued, inflight atomic.Int64
 	batches, batchedWrites                                                    atomic.Int64
+	claimsRenewed, claimsReleased, claimsWaiting                              atomic.Int64
 }
 
 // Stats returns the counters now.
@@ -472,7 +487,9 @@ func (e *Engine) Stats() Stats {
 		FeedErrors: c.feedErrors.Load(), FeedResets: c.feedResets.Load(),
 		CheckpointsSaved: c.checkpoints.Load(), ResyncQueued: c.resyncQueued.Load(),
 		Batches: c.batches.Load(), BatchedWrites: c.batchedWrites.Load(),
-		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
+		ClaimsRenewed: c.claimsRenewed.Load(), ClaimsReleased: c.claimsReleased.Load(),
+		ClaimsWaiting: c.claimsWaiting.Load(),
+		Inflight:      c.inflight.Load(), Queued: int64(e.q.len()),
 	}
 	s.Pending = int64(e.tr.pending())
 	s.Delayed = int64(e.q.delayedLen())

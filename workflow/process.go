@@ -198,19 +198,25 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		claim.Key = held.Key
 		claim.Takeover = true
 	}
+	before := doc.meta.forState(doc.State)
 	meta.Claim = claim
 	meta.Claims = claim.Attempt
 	meta.Key = claim.Key
 	meta.RetryAt = nil
-	// The handler's slot is taken before the claim is written, not after:
-	// a claim waiting for a slot behind slow handlers could see its lease
-	// run out before its handler even started.
-	release, err := e.acquireSlot(ctx)
-	if err != nil {
+	// The claim is written before the handler's slot is free (see
+	// ahead.go), so claims share group commits at any concurrency; the
+	// gate bounds how many wait for a slot.
+	if err := e.ahead.enter(ctx, e, spec.Lease); err != nil {
 		return transient, false
 	}
-	defer release()
-	// The lease counts from now, not from before the wait for a slot.
+	inGate := true
+	leaveGate := func() {
+		if inGate {
+			inGate = false
+			e.ahead.leave()
+		}
+	}
+	defer leaveGate()
 	claim.Expires = Stamp{time.Now().Add(spec.Lease).UTC().Truncate(time.Millisecond)}
 	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
 	if err != nil {
@@ -231,10 +237,20 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	doc.Attempt = meta.Attempts + 1
 	doc.LastError = meta.LastError
 
+	release, out, ok := e.waitForSlot(ctx, doc, spec, before, &meta)
+	leaveGate()
+	if !ok {
+		return out, false
+	}
+	defer release()
+	claim = meta.Claim
+
 	// The run must end, result written, before the lease does.
 	runCtx, cancel := context.WithDeadline(ctx, claim.Expires.Add(-spec.Lease/10))
 	defer cancel()
+	began := time.Now()
 	res, herr := e.call(runCtx, spec, doc)
+	e.ahead.observe(time.Since(began))
 	release()
 	return e.finishClaim(ctx, doc, spec, meta, claim, res, herr), false
 }

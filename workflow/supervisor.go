@@ -511,7 +511,7 @@ func (s *Supervisor) onExit(ctx context.Context, name string, helpers *sync.Wait
 		s.stopped.Add(1)
 		addStats(&s.finished, r.eng.Stats())
 		// Gauges describe running engines only.
-		s.finished.Inflight, s.finished.Queued, s.finished.Delayed, s.finished.Pending = 0, 0, 0, 0
+		s.finished.Inflight, s.finished.Queued, s.finished.Delayed, s.finished.Pending, s.finished.ClaimsWaiting = 0, 0, 0, 0, 0
 	}
 	if r == nil || w == nil || ctx.Err() != nil {
 		s.mu.Unlock()
@@ -719,6 +719,9 @@ func addStats(a *Stats, b Stats) {
 	a.ResyncQueued += b.ResyncQueued
 	a.Batches += b.Batches
 	a.BatchedWrites += b.BatchedWrites
+	a.ClaimsRenewed += b.ClaimsRenewed
+	a.ClaimsReleased += b.ClaimsReleased
+	a.ClaimsWaiting += b.ClaimsWaiting
 	a.Inflight += b.Inflight
 	a.Queued += b.Queued
 	a.Delayed += b.Delayed

@@ -31,6 +31,7 @@ func fakeStats() workflow.Stats {
 		Failed: 115, Invalid: 116, Skipped: 117, Transient: 118, FeedRequests: 119,
 		FeedErrors: 120, FeedResets: 121, CheckpointsSaved: 122, ResyncQueued: 123,
 		Inflight: 124, Queued: 125, Delayed: 126, Pending: 127,
+		ClaimsRenewed: 128, ClaimsReleased: 129, ClaimsWaiting: 130,
 		CheckpointSaved: clock.Add(-90 * time.Second),
 		FeedContact:     clock.Add(-2500 * time.Millisecond),
 	}
@@ -138,6 +139,7 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 		{"docstate_queue_depth", dto.MetricType_GAUGE, 125},
 		{"docstate_delayed", dto.MetricType_GAUGE, 126},
 		{"docstate_pending_changes", dto.MetricType_GAUGE, 127},
+		{"docstate_claims_waiting", dto.MetricType_GAUGE, 130},
 		{"docstate_checkpoint_age_seconds", dto.MetricType_GAUGE, 90},
 		{"docstate_feed_contact_age_seconds", dto.MetricType_GAUGE, 2.5},
 		{"docstate_ready", dto.MetricType_GAUGE, 1},
@@ -150,13 +152,13 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 			t.Errorf("%s = %v, want %v", c.name, got, c.want)
 		}
 	}
-	for result, want := range map[string]float64{"won": 108, "lost": 109, "held": 110, "takeover": 111, "expired": 112} {
+	for result, want := range map[string]float64{"won": 108, "lost": 109, "held": 110, "takeover": 111, "expired": 112, "renewed": 128, "released": 129} {
 		if got := value(t, fams, "docstate_claims_total", map[string]string{"engine": "orders", "result": result}); got != want {
 			t.Errorf("claims_total{result=%q} = %v, want %v", result, got, want)
 		}
 	}
-	if n := len(fams["docstate_claims_total"].GetMetric()); n != 5 {
-		t.Errorf("claims_total has %d series, want 5", n)
+	if n := len(fams["docstate_claims_total"].GetMetric()); n != 7 {
+		t.Errorf("claims_total has %d series, want 7", n)
 	}
 	// Runs and RunErrors are not exported twice.
 	for name := range fams {
@@ -309,7 +311,7 @@ func TestLabelsBounded(t *testing.T) {
 		"state":  {"new": true},
 		"mode":   {"safe": true, "unsafe": true},
 		"result": {"ok": true, "error": true, "terminal": true, "panic": true, "timeout": true,
-			"won": true, "lost": true, "held": true, "takeover": true, "expired": true,
+			"won": true, "lost": true, "held": true, "takeover": true, "expired": true, "renewed": true, "released": true,
 			"temporary": true, "permanent": true, "other": true},
 		"version":   {"v1.2.3": true},
 		"goversion": {runtime.Version(): true},
