@@ -126,6 +126,8 @@ type Engine struct {
 	FeedLinger         time.Duration `yaml:"feed_linger"`
 	MaxPending         int           `yaml:"max_pending"`
 	DrainTimeout       time.Duration `yaml:"drain_timeout"`
+	Members            bool          `yaml:"members"`
+	MemberLease        time.Duration `yaml:"member_lease"`
 }
 
 // Log configures the slog logger.
@@ -168,6 +170,8 @@ func Default() Config {
 			FeedLinger:         20 * time.Millisecond,
 			MaxPending:         10000,
 			DrainTimeout:       30 * time.Second,
+			Members:            true,
+			MemberLease:        30 * time.Second,
 		},
 		Log: Log{
 			Level:  "info",

@@ -78,6 +78,16 @@ type Options struct {
 	// a database's first engine start of the process only.
 	NoStartScan bool
 
+	// Members makes several engines of the same Name on one database split
+	// its documents instead of each handling all of them: each keeps a
+	// membership document (docstate-member:<name>:<owner>) alive with a
+	// lease of MemberLease (default 30s, renewed every third of it) and
+	// handles the ids that rendezvous hashing gives it among the live
+	// members; see members.go. Off, every engine handles every document
+	// (failover, but duplicated effort).
+	Members     bool
+	MemberLease time.Duration
+
 	// DrainTimeout bounds how long Run waits for running handlers after its
 	// context ends (default 30s). Past it their contexts are cancelled.
 	DrainTimeout time.Duration
@@ -144,6 +154,7 @@ func (o *Options) setDefaults() error {
 	def(&o.CheckpointInterval, 5*time.Second)
 	def(&o.ResyncInterval, time.Minute)
 	def(&o.DrainTimeout, 30*time.Second)
+	def(&o.MemberLease, 30*time.Second)
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
@@ -152,6 +163,8 @@ func (o *Options) setDefaults() error {
 		return errors.New("workers, batch size, batch linger, max attempts, feed batch, feed linger and max pending must not be negative")
 	case o.Lease <= o.HandlerTimeout:
 		return fmt.Errorf("lease %v must exceed handler timeout %v", o.Lease, o.HandlerTimeout)
+	case o.Members && o.MemberLease < 300*time.Millisecond:
+		return fmt.Errorf("member lease %v is below 300ms", o.MemberLease)
 	case o.RetryBase > o.RetryMax:
 		return fmt.Errorf("retry base %v exceeds retry max %v", o.RetryBase, o.RetryMax)
 	case o.MaxPending < o.FeedBatch:
@@ -196,6 +209,8 @@ type Engine struct {
 	// soon, so a group commit need not wait for them.
 	ahead  *aheadGate
 	parked atomic.Int64
+	// members is the live membership when Options.Members is set, else nil.
+	members *members
 	// stopping is closed when the engine starts to drain: claims waiting
 	// for a slot are released rather than run.
 	stopping <-chan struct{}
@@ -269,6 +284,9 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		e.types[s.Type] = true
 	}
 	e.cp = &checkpointer{db: db, id: checkpointID(opts.Name), owner: opts.Owner}
+	if opts.Members {
+		e.members = newMembers(db, opts.Name, opts.Owner, opts.MemberLease, e.log)
+	}
 	return e, nil
 }
 
@@ -319,6 +337,9 @@ func (e *Engine) Run(ctx context.Context) error {
 	background.Go(func() { e.follow(ctx, since) })
 	background.Go(func() { e.saveCheckpoints(ctx) })
 	background.Go(func() { e.resyncLoop(ctx) })
+	if e.members != nil {
+		background.Go(func() { e.members.run(ctx) })
+	}
 	workerCount := e.opts.Workers
 	writersGone := make(chan struct{})
 	if e.batch != nil {
@@ -441,6 +462,9 @@ type Stats struct {
 	ClaimsRenewed    int64 // leases renewed while their claim waited for a handler slot
 	ClaimsReleased   int64 // claims given back unrun because the engine stopped
 	ClaimsWaiting    int64 // claims written and waiting for a handler slot now
+	Members          int64 // live members seen on the database now, this one included (0: membership off)
+	Rebalances       int64 // changes of the live member set, each followed by a rescan
+	SkippedOther     int64 // queued ids passed over unread as another member's
 	ClaimsExpired    int64 // expired claims sent to the error state (FailExpired)
 	ResultsDropped   int64 // unsafe results not written because the claim was lost meanwhile
 	RetriesScheduled int64 // failed runs recorded with a backoff
@@ -490,6 +514,9 @@ func (e *Engine) Stats() Stats {
 		ClaimsRenewed: c.claimsRenewed.Load(), ClaimsReleased: c.claimsReleased.Load(),
 		ClaimsWaiting: c.claimsWaiting.Load(),
 		Inflight:      c.inflight.Load(), Queued: int64(e.q.len()),
+	}
+	if m := e.members; m != nil {
+		s.Members, s.Rebalances, s.SkippedOther = int64(m.seen()), m.rebalances.Load(), m.skipped.Load()
 	}
 	s.Pending = int64(e.tr.pending())
 	s.Delayed = int64(e.q.delayedLen())

@@ -43,7 +43,16 @@ const maxRounds = 5
 func (e *Engine) process(ctx context.Context, w work) {
 	e.stats.inflight.Add(1)
 	defer e.stats.inflight.Add(-1)
-	out, read := e.handle(ctx, w)
+	var out outcome
+	var read int
+	if e.members != nil && !e.members.mine(w.id) {
+		// Another live member's: passed over unread. Should that member
+		// leave, the rescan that follows queues it again here.
+		e.members.skipped.Add(1)
+		out = finished
+	} else {
+		out, read = e.handle(ctx, w)
+	}
 	if out.finished {
 		e.progress.Store(time.Now().UnixNano())
 		e.tr.done(w.tokens)

@@ -41,10 +41,27 @@ func (e *Engine) resyncLoop(ctx context.Context) {
 	e.startScanned.Store(true)
 	tick := time.NewTicker(e.opts.ResyncInterval)
 	defer tick.Stop()
+	var rebalanced <-chan struct{}
+	if e.members != nil {
+		rebalanced = e.members.changed
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-rebalanced:
+			// The live members changed: documents that were another's
+			// (one that left, or whose share moved) may be ours now.
+			var n int
+			err := e.retry(ctx, "rescan after a membership change failed", func() (err error) {
+				n, err = e.scanHandled(ctx)
+				return err
+			})
+			if err != nil {
+				return
+			}
+			e.log.Debug("rescan after a membership change", "queued", n)
+			continue
 		case <-tick.C:
 		}
 		if n, err := e.scanDue(ctx); err != nil && ctx.Err() == nil {

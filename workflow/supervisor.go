@@ -446,6 +446,10 @@ func (s *Supervisor) fill(ctx context.Context, engines *sync.WaitGroup) {
 		opts := s.opts.Engine
 		opts.Logger = s.opts.Engine.Logger
 		opts.NoStartScan = opts.NoStartScan || w.scanned
+		// Engines come and go with their databases' work here, so a
+		// membership document per database would churn: many databases
+		// are split by name (Shards) instead.
+		opts.Members = false
 		eng, err := New(s.client.DB(name), s.reg, opts)
 		if err != nil {
 			s.log.Error("cannot start engine", "db", name, "err", err)

@@ -69,6 +69,8 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		ResyncInterval:     e.ResyncInterval,
 		NoStartScan:        !e.FullResyncOnStart,
 		DrainTimeout:       e.DrainTimeout,
+		Members:            e.Members,
+		MemberLease:        e.MemberLease,
 	}
 }
 

@@ -1,0 +1,154 @@
+package workflow_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
+
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/workflowtest"
+)
+
+// BenchmarkDaemons measures scale-out on one database: 1, 2, 3 and 4
+// engines (daemons) with membership on, each with its own owner and 16
+// workers, handle b.N one-step documents written once they see each other.
+// It reports each count's docs/s, its ratio to one daemon (x2, x3, x4, the
+// same run), the server's raw single-PUT rate at 16 writers, and how many
+// runs per document there were (must stay 1 for unsafe):
+//
+//	go test -run '^$' -bench Daemons -benchtime 2000x ./workflow/
+//
+// The takeover case runs three members of which one is killed (it stops
+// renewing its lease, as a crashed process does) right after the documents
+// are written, and reports the seconds until the others handled its share
+// (takeover-s) beside the member lease (lease-s).
+func BenchmarkDaemons(b *testing.B) {
+	for _, mode := range []workflow.Mode{workflow.Safe, workflow.Unsafe} {
+		b.Run(mode.String(), func(b *testing.B) {
+			client := couchtest.Client(b)
+			raw := rawPutRate(b, couchtest.NewDB(b, client), b.N, 16)
+			rates := map[int]float64{}
+			for d := 1; d <= 4; d++ {
+				rate, perDoc := daemonsRate(b, couchtest.NewDB(b, client), b.N, d, mode)
+				rates[d] = rate
+				if mode == workflow.Unsafe && perDoc != 1 {
+					b.Errorf("%d daemons: %.3f unsafe runs per document, want 1", d, perDoc)
+				}
+			}
+			// Reported last: ResetTimer, which each case calls, clears
+			// metrics reported before it.
+			for d := 1; d <= 4; d++ {
+				b.ReportMetric(rates[d], fmt.Sprintf("d%d-docs/s", d))
+			}
+			for d := 2; d <= 4; d++ {
+				b.ReportMetric(rates[d]/rates[1], fmt.Sprintf("x%d", d))
+			}
+			b.ReportMetric(raw, "raw-put/s")
+		})
+	}
+	b.Run("takeover", func(b *testing.B) {
+		lease := 5 * time.Second
+		took := takeover(b, couchtest.NewDB(b, couchtest.Client(b)), b.N, lease)
+		b.ReportMetric(took.Seconds(), "takeover-s")
+		b.ReportMetric(lease.Seconds(), "lease-s")
+	})
+}
+
+// daemonsRate runs d member engines on db, writes n documents once they see
+// each other, and returns docs/s from the first write to the last result,
+// and handler runs per document.
+func daemonsRate(b *testing.B, db *kivik.DB, n, d int, mode workflow.Mode) (float64, float64) {
+	b.Helper()
+	runs := newCounter()
+	var engines []*workflowtest.Running
+	for i := range d {
+		reg := workflow.NewRegistry()
+		reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: mode, Handler: oneStep(runs, "done")})
+		opts := workflowtest.Options(b)
+		opts.Workers = 16
+		opts.Members = true
+		opts.MemberLease = 3 * time.Second
+		opts.Owner = fmt.Sprintf("bench-member-%d", i)
+		opts.CheckpointInterval = 5 * time.Second
+		opts.NoStartScan = true
+		engines = append(engines, workflowtest.Start(b, db, reg, opts))
+	}
+	workflowtest.Eventually(b, 30*time.Second, "members see each other", func() (bool, string) {
+		for _, e := range engines {
+			if e.Stats().Members != int64(d) {
+				return false, fmt.Sprint(e.Stats().Members)
+			}
+		}
+		return true, ""
+	})
+	b.ResetTimer()
+	startAt := time.Now()
+	putDocs(b, db, "job", n, "job", "new", nil)
+	workflowtest.Eventually(b, 10*time.Minute, "all handled", func() (bool, string) {
+		var done int64
+		for _, e := range engines {
+			done += e.Stats().Transitions
+		}
+		return done >= int64(n), fmt.Sprintf("%d of %d", done, n)
+	})
+	elapsed := time.Since(startAt)
+	b.StopTimer()
+	var wg sync.WaitGroup
+	for _, e := range engines {
+		wg.Go(func() { stop(b, e) })
+	}
+	wg.Wait()
+	return float64(n) / elapsed.Seconds(), float64(runs.total()) / float64(n)
+}
+
+// takeover runs two live members and one that is killed as the documents
+// are written, and returns the time from its kill to the end of its share.
+func takeover(b *testing.B, db *kivik.DB, n int, lease time.Duration) time.Duration {
+	b.Helper()
+	ctx := context.Background()
+	runs := newCounter()
+	// The killed member: its document as its last renewal left it.
+	killedAt := time.Now()
+	if _, err := db.Put(ctx, "docstate-member:docstate:bench-killed", map[string]any{
+		"type": "docstate-member", "engine": "docstate", "owner": "bench-killed",
+		"expires": killedAt.Add(lease).UTC().Format(time.RFC3339Nano), "joined": killedAt.UTC().Format(time.RFC3339Nano),
+	}); err != nil {
+		b.Fatal(err)
+	}
+	var engines []*workflowtest.Running
+	for i := range 2 {
+		reg := workflow.NewRegistry()
+		reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Unsafe, Handler: oneStep(runs, "done")})
+		opts := workflowtest.Options(b)
+		opts.Workers = 16
+		opts.Members = true
+		opts.MemberLease = lease
+		opts.ResyncInterval = time.Minute // the membership rescan, not the due scan, must find the share
+		opts.Owner = fmt.Sprintf("bench-live-%d", i)
+		opts.NoStartScan = true
+		engines = append(engines, workflowtest.Start(b, db, reg, opts))
+	}
+	workflowtest.Eventually(b, lease, "three members seen", func() (bool, string) {
+		return engines[0].Stats().Members == 3 && engines[1].Stats().Members == 3, ""
+	})
+	b.ResetTimer()
+	putDocs(b, db, "job", n, "job", "new", nil)
+	workflowtest.Eventually(b, 5*time.Minute, "all handled", func() (bool, string) {
+		st := states(b, db)
+		return st["done"] == n, fmt.Sprint(st)
+	})
+	took := time.Since(killedAt)
+	b.StopTimer()
+	if runs.total() != n {
+		b.Errorf("%d unsafe runs for %d documents", runs.total(), n)
+	}
+	for _, e := range engines {
+		stop(b, e)
+	}
+	return took
+}
