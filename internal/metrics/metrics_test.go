@@ -32,6 +32,7 @@ func fakeStats() workflow.Stats {
 		FeedErrors: 120, FeedResets: 121, CheckpointsSaved: 122, ResyncQueued: 123,
 		Inflight: 124, Queued: 125, Delayed: 126, Pending: 127,
 		ClaimsRenewed: 128, ClaimsReleased: 129, ClaimsWaiting: 130,
+		Members: 131, Rebalances: 132, SkippedOther: 133,
 		CheckpointSaved: clock.Add(-90 * time.Second),
 		FeedContact:     clock.Add(-2500 * time.Millisecond),
 	}
@@ -140,6 +141,9 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 		{"docstate_delayed", dto.MetricType_GAUGE, 126},
 		{"docstate_pending_changes", dto.MetricType_GAUGE, 127},
 		{"docstate_claims_waiting", dto.MetricType_GAUGE, 130},
+		{"docstate_members", dto.MetricType_GAUGE, 131},
+		{"docstate_member_rebalances_total", dto.MetricType_COUNTER, 132},
+		{"docstate_skipped_other_member_total", dto.MetricType_COUNTER, 133},
 		{"docstate_checkpoint_age_seconds", dto.MetricType_GAUGE, 90},
 		{"docstate_feed_contact_age_seconds", dto.MetricType_GAUGE, 2.5},
 		{"docstate_ready", dto.MetricType_GAUGE, 1},
