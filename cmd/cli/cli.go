@@ -85,6 +85,8 @@ func Main(opts Options) int {
 type globals struct {
 	configPath string
 	sets       []string
+	// output is -o: text or json.
+	output string
 }
 
 // NewRoot builds the command tree.
@@ -121,6 +123,8 @@ the one before. 'docstate config keys' lists every key.`,
 	}
 	root.PersistentFlags().StringVarP(&g.configPath, "config", "c", "", "config file (YAML); default $DOCSTATE_CONFIG")
 	root.PersistentFlags().StringArrayVar(&g.sets, "set", nil, "override a config key, e.g. --set engine.workers=4 (repeatable)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", outputText,
+		"output format of status, check, retry, replay, config and version: text or json")
 	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newStatusCmd(g, opts), newRetryCmd(g, opts),
 		newReplayCmd(g, opts), newVersionCmd(), newConfigCmd(g, opts))
 	return root
