@@ -120,6 +120,10 @@ document with MVCC before they start.
 Configuration comes from a YAML file (--config or DOCSTATE_CONFIG), then
 DOCSTATE_* environment variables, then --set key=value flags, each overriding
 the one before. 'docstate config keys' lists every key.`,
+		Example: `  docstate check --config /etc/docstate/docstate.yaml
+  docstate run --config /etc/docstate/docstate.yaml
+  docstate status -o json
+  docstate replay --since 0 --dry-run`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -133,6 +137,18 @@ the one before. 'docstate config keys' lists every key.`,
 	root.PersistentFlags().StringArrayVar(&g.sets, "set", nil, "override a config key, e.g. --set engine.workers=4 (repeatable)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", outputText,
 		"output format of status, check, retry, replay, config and version: text or json")
+	// --set completes the config keys, "key=" and no space after it, so
+	// the value comes next.
+	_ = root.RegisterFlagCompletionFunc("set", func(_ *cobra.Command, _ []string, prefix string) ([]string, cobra.ShellCompDirective) {
+		var keys []string
+		for _, k := range config.Keys() {
+			if strings.HasPrefix(k.Key, prefix) {
+				keys = append(keys, k.Key+"=\t"+k.Help)
+			}
+		}
+		return keys, cobra.ShellCompDirectiveNoSpace
+	})
+	_ = root.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{outputText, outputJSON}, cobra.ShellCompDirectiveNoFileComp))
 	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newStatusCmd(g, opts), newRetryCmd(g, opts),
 		newReplayCmd(g, opts), newVersionCmd(g, opts), newConfigCmd(g, opts))
 	return root
