@@ -128,9 +128,12 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 				}
 			}
 			stderr := cmd.ErrOrStderr()
-			tty := isTerminal(stderr)
-			if tty {
-				sel.Progress = func(done, total int) { fmt.Fprintf(stderr, "\r%d/%d documents", done, total) }
+			progressed := false
+			if isTerminal(stderr) {
+				sel.Progress = func(done, total int) {
+					progressed = true
+					fmt.Fprintf(stderr, "\r%d/%d documents", done, total)
+				}
 			}
 			var rep workflow.Report
 			if since == "" || len(sel.IDs) > 0 {
@@ -138,7 +141,7 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 			} else {
 				rep = workflow.Report{DryRun: sel.DryRun, Touched: []workflow.Touched{}, Errors: []workflow.DocError{}}
 			}
-			if tty && len(sel.IDs) > 0 {
+			if progressed {
 				fmt.Fprintln(stderr)
 			}
 			if asJSON {
@@ -153,7 +156,8 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 			}
 			if len(rep.Errors) > 0 {
 				// Exit non-zero so a script notices; the others were done.
-				return fmt.Errorf("%d of %d documents failed", len(rep.Errors), len(sel.IDs))
+				return fmt.Errorf("%d of %d documents failed", len(rep.Errors),
+					len(rep.Touched)+rep.Skipped.Total()+len(rep.Errors))
 			}
 			return nil
 		},

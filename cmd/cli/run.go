@@ -101,8 +101,14 @@ func runUntilReload(ctx context.Context, cfg config.Config, g *globals, opts Opt
 	err := run(cycle, cfg, opts, cmd)
 	cancel(nil)
 	wg.Wait()
-	if err != nil || ctx.Err() != nil || !errors.Is(context.Cause(cycle), errReload) {
+	if ctx.Err() != nil || !errors.Is(context.Cause(cycle), errReload) {
 		return nil, err
+	}
+	if err != nil {
+		// A reload during the start (provisioning) cancels its requests:
+		// that is the reload, not a failure to exit on. A real fault
+		// shows again in the next start.
+		log.Warn("the run ended with an error during the reload", "err", err)
 	}
 	log.Info("starting again with the reloaded configuration")
 	return next, nil
