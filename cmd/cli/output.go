@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 )
 
 // Output formats of -o/--output.
@@ -50,9 +51,6 @@ func writeJSON(w io.Writer, v any) error {
 // and would only clutter a log or a pipe.
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+	// A character device is not enough: /dev/null is one.
+	return ok && term.IsTerminal(int(f.Fd()))
 }
