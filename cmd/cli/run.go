@@ -36,8 +36,9 @@ process is up), /readyz (the changes feed is healthy) and /metrics
 runs, WATCHDOG=1 only while the feed is healthy, and STOPPING=1 on a
 signal, before the drain.
 
-On SIGHUP it reads the configuration again (file, environment, --set). If
-it is invalid, it logs why and runs on unchanged. Otherwise it drains as
+On SIGHUP it reads the configuration file again (with the environment and
+--set flags it started with). If it is invalid, it logs why and runs on
+unchanged. Otherwise it drains as
 for SIGTERM, then starts again with the new configuration in the same
 process (systemd: RELOADING=1, then READY=1 once the feed runs again).`,
 		Example: `  docstate run --config /etc/docstate/docstate.yaml
