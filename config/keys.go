@@ -14,22 +14,24 @@ import (
 const envPrefix = "DOCSTATE_"
 
 // KeyInfo describes one configuration key, for documentation and --help.
+// Its JSON keys are part of the command line's interface (config keys -o
+// json): lower-case and stable.
 type KeyInfo struct {
 	// Key is the dotted key used in YAML nesting and overrides, e.g.
 	// "engine.workers".
-	Key string
+	Key string `json:"key"`
 	// Env is the environment variable that sets the key, e.g.
 	// "DOCSTATE_ENGINE_WORKERS".
-	Env string
+	Env string `json:"env"`
 	// Type is "string", "int", "bool" or "duration".
-	Type string
+	Type string `json:"type"`
 	// Default is the built-in default in the syntax every source accepts,
 	// e.g. "2m" for a duration.
-	Default string
+	Default string `json:"default"`
 	// Help is a one-line description including the allowed range.
-	Help string
+	Help string `json:"help"`
 	// Secret marks keys whose value is never printed.
-	Secret bool
+	Secret bool `json:"secret"`
 }
 
 // Keys returns every configuration key in a stable order (the order of the

@@ -2,8 +2,8 @@ package config
 
 // KeyValue is one key's effective value.
 type KeyValue struct {
-	Key   string
-	Value string
+	Key   string `json:"key"`
+	Value string `json:"value"`
 }
 
 // Values lists every key with its value in c, in the order of Keys().

@@ -158,6 +158,24 @@ func (cfg SMTPConfig) client() (*mail.Client, error) {
 	return c, nil
 }
 
+// Dial connects to the server the way a send does (TCP or TLS, EHLO,
+// STARTTLS as the TLS policy asks, AUTH with the credentials) and quits
+// without sending: docstate check uses it so that a wrong SMTP setting is
+// found before the first registration mail, not by it.
+func (s *SMTPMailer) Dial(ctx context.Context) error {
+	c, err := s.cfg.client()
+	if err != nil {
+		return err
+	}
+	if err := c.DialWithContext(ctx); err != nil {
+		return fmt.Errorf("smtp %s: %w", net.JoinHostPort(s.cfg.Host, fmt.Sprint(s.cfg.Port)), err)
+	}
+	if err := c.Close(); err != nil {
+		return fmt.Errorf("smtp QUIT: %w", err)
+	}
+	return nil
+}
+
 // Send delivers m to the SMTP server. See Mailer for the error contract and
 // classifySMTP for which failures are permanent.
 func (s *SMTPMailer) Send(ctx context.Context, m Message) error {

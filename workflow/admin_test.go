@@ -60,9 +60,10 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	}
 
 	// A dry run names what would run and writes nothing.
-	touched, err := workflow.Retry(ctx, db, reg, nil, "job", "error", true)
+	rep, err := workflow.Retry(ctx, db, reg, workflow.Selection{Type: "job", State: "error", DryRun: true})
+	touched := rep.Touched
 	if err != nil || len(touched) != 3 || touched[0].To != "new" || touched[0].Handler != "safe" {
-		t.Fatalf("dry run: %+v %v", touched, err)
+		t.Fatalf("dry run: %+v %v", rep, err)
 	}
 	if st := states(t, db); st["error"] != 3 {
 		t.Fatalf("dry run wrote: %v", st)
@@ -71,20 +72,21 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	// Fixed upstream: retry them all, and one by id on a second pass is a no-op.
 	broken.Store(false)
 	eng = workflowtest.Start(t, db, reg, workflowtest.Options(t))
-	if touched, err = workflow.Retry(ctx, db, reg, nil, "job", "error", false); err != nil || len(touched) != 3 {
-		t.Fatalf("retry: %+v %v", touched, err)
+	if rep, err = workflow.Retry(ctx, db, reg, workflow.Selection{Type: "job", State: "error"}); err != nil || len(rep.Touched) != 3 {
+		t.Fatalf("retry: %+v %v", rep, err)
 	}
 	workflowtest.Eventually(t, 20*time.Second, "retried jobs done", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 3, fmt.Sprint(st)
 	})
-	if touched, err = workflow.Retry(ctx, db, reg, []string{"job-00000"}, "", "", false); err != nil || len(touched) != 0 {
-		t.Fatalf("retry of a doc not in error: %+v %v", touched, err)
+	if rep, err = workflow.Retry(ctx, db, reg, workflow.Selection{IDs: []string{"job-00000"}}); err != nil || len(rep.Touched) != 0 ||
+		rep.Skipped.NotFailed != 1 {
+		t.Fatalf("retry of a doc not in error: %+v %v", rep, err)
 	}
 
 	// Replay runs the settled unsafe handler again, once.
-	if touched, err = workflow.Replay(ctx, db, reg, []string{"w-00000"}, "", "", false); err != nil || len(touched) != 1 || touched[0].Handler != "unsafe" {
-		t.Fatalf("replay: %+v %v", touched, err)
+	if rep, err = workflow.Replay(ctx, db, reg, workflow.Selection{IDs: []string{"w-00000"}}); err != nil || len(rep.Touched) != 1 || rep.Touched[0].Handler != "unsafe" {
+		t.Fatalf("replay: %+v %v", rep, err)
 	}
 	workflowtest.Eventually(t, 20*time.Second, "replayed", func() (bool, string) {
 		return looks.get("w-00000") == 2, fmt.Sprint(looks.get("w-00000"))
@@ -93,7 +95,68 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	if n := looks.get("w-00000"); n != 2 {
 		t.Fatalf("replayed doc ran %d times, want 2", n)
 	}
-	if _, err := workflow.Retry(ctx, db, reg, nil, "", "", false); err == nil || !strings.Contains(err.Error(), "give document ids") {
+	if _, err := workflow.Retry(ctx, db, reg, workflow.Selection{}); err == nil || !strings.Contains(err.Error(), "give document ids") {
 		t.Fatalf("retry without a selection: %v", err)
+	}
+}
+
+// TestReplaySkipsWhatIsNotOursAndCarriesOnPastErrors replays everything
+// changed since 0 on a database that also holds a design document, a
+// document of another application, a state-less one and one whose engine
+// metadata is corrupt: the first three are counted as skipped, the corrupt
+// one is reported, and every workflow document, before and after it in the
+// feed, is written.
+func TestReplaySkipsWhatIsNotOursAndCarriesOnPastErrors(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	ctx := context.Background()
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe,
+		Handler: workflow.HandlerFunc(func(context.Context, *workflow.Doc) (workflow.Result, error) {
+			return workflow.Stay(), nil
+		})})
+	put := func(id string, doc map[string]any) {
+		t.Helper()
+		if _, err := db.Put(ctx, id, doc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("a-first", map[string]any{"type": "job", "state": "new"})
+	put("_design/docstate-devices", map[string]any{"validate_doc_update": "function(){}"})
+	put("b-nostate", map[string]any{"type": "job"})
+	put("c-corrupt", map[string]any{"type": "job", "state": "new", "docstate": "not an object"})
+	put("d-other", map[string]any{"type": "invoice", "state": "open"})
+	put("e-untyped", map[string]any{"hello": "world"})
+	put("f-last", map[string]any{"type": "job", "state": "new"})
+	ids, err := workflow.ChangedSince(ctx, db, "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids = append(ids, "_local/x", "never-was")
+
+	var calls, total int
+	progress := func(done, n int) { calls, total = done, n }
+	for _, dry := range []bool{true, false} {
+		rep, err := workflow.Replay(ctx, db, reg, workflow.Selection{IDs: ids, DryRun: dry, Progress: progress})
+		if err != nil {
+			t.Fatalf("dry %v: %v", dry, err)
+		}
+		var got []string
+		for _, d := range rep.Touched {
+			got = append(got, d.ID)
+		}
+		want := workflow.Skipped{Design: 1, Local: 1, Missing: 1, Unregistered: 2, NoState: 1}
+		if strings.Join(got, ",") != "a-first,f-last" || rep.Skipped != want || len(rep.Errors) != 1 ||
+			rep.Errors[0].ID != "c-corrupt" || rep.DryRun != dry {
+			t.Fatalf("dry %v: %+v", dry, rep)
+		}
+		if calls != len(ids) || total != len(ids) {
+			t.Fatalf("progress ended at %d/%d, want %d/%d", calls, total, len(ids), len(ids))
+		}
+	}
+	var last struct {
+		Rev string `json:"_rev"`
+	}
+	if err := db.Get(ctx, "f-last").ScanDoc(&last); err != nil || !strings.HasPrefix(last.Rev, "2-") {
+		t.Fatalf("the document after the failed one was not written: %+v %v", last, err)
 	}
 }

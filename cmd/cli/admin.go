@@ -1,11 +1,11 @@
 package cli
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -15,7 +15,6 @@ import (
 )
 
 func newStatusCmd(g *globals, opts Options) *cobra.Command {
-	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the checkpoint, pending changes, documents per type and state, claims and errors",
@@ -23,30 +22,40 @@ func newStatusCmd(g *globals, opts Options) *cobra.Command {
 prints: the checkpoint and when it was saved, how many changes come after it
 (work not yet finished or seen), documents per type and state, unsafe claims
 held and expired, documents in an error state, invalid documents, and documents
-waiting for a retry. It reads the whole database; progress goes to stderr.`,
+waiting for a retry. It reads the whole database; progress goes to stderr
+when it is a terminal.`,
+		Example: `  docstate status --config /etc/docstate/docstate.yaml
+  docstate status -o json | jq .failed`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := g.jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
 			cfg, client, db, err := g.open(opts)
 			if err != nil {
 				return err
 			}
 			defer client.Close()
-			progress := func(n int) { fmt.Fprintf(cmd.ErrOrStderr(), "\rread %d documents", n) }
+			var progress func(int)
+			if isTerminal(cmd.ErrOrStderr()) {
+				progress = func(n int) { fmt.Fprintf(cmd.ErrOrStderr(), "\rread %d documents", n) }
+			}
 			st, err := workflow.Inspect(cmd.Context(), db, cfg.Engine.Name, progress)
-			fmt.Fprintln(cmd.ErrOrStderr())
+			if progress != nil {
+				fmt.Fprintln(cmd.ErrOrStderr())
+			}
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				return writeJSON(cmd.OutOrStdout(), st)
 			}
 			printStatus(cmd.OutOrStdout(), cfg.Database, cfg.Engine.Name, st)
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	addJSONFlag(cmd)
 	return cmd
 }
 
@@ -85,15 +94,20 @@ func printStatus(w io.Writer, db, name string, st workflow.Status) {
 
 // redrive is retry and replay: they select documents the same way and
 // print what they did.
-func newRedriveCmd(g *globals, opts Options, use, short, long string, withSince bool,
-	act func(cmd *cobra.Command, env Env, reg *workflow.Registry, ids []string, typ, state string, dry bool) ([]workflow.Touched, error)) *cobra.Command {
-	var typ, state, since string
-	var dry bool
+func newRedriveCmd(g *globals, opts Options, use, short, long, example string, withSince bool,
+	act func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error)) *cobra.Command {
+	var since string
+	var sel workflow.Selection
 	cmd := &cobra.Command{
-		Use:   use,
-		Short: short,
-		Long:  long,
+		Use:     use,
+		Short:   short,
+		Long:    long,
+		Example: example,
 		RunE: func(cmd *cobra.Command, ids []string) error {
+			asJSON, err := g.jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
 			cfg, client, db, err := g.open(opts)
 			if err != nil {
 				return err
@@ -104,40 +118,96 @@ func newRedriveCmd(g *globals, opts Options, use, short, long string, withSince 
 			if err != nil {
 				return err
 			}
+			sel.IDs = ids
 			if since != "" {
-				if len(ids) > 0 || typ != "" {
+				if len(ids) > 0 || sel.Type != "" {
 					return fmt.Errorf("--since cannot be combined with ids or --type")
 				}
-				if ids, err = workflow.ChangedSince(cmd.Context(), db, since); err != nil {
+				if sel.IDs, err = workflow.ChangedSince(cmd.Context(), db, since); err != nil {
 					return err
 				}
-				if len(ids) == 0 {
-					fmt.Fprintln(cmd.OutOrStdout(), "no changes after", since)
-					return nil
+			}
+			stderr := cmd.ErrOrStderr()
+			progressed := false
+			if isTerminal(stderr) {
+				sel.Progress = func(done, total int) {
+					progressed = true
+					fmt.Fprintf(stderr, "\r%d/%d documents", done, total)
 				}
 			}
-			touched, err := act(cmd, env, reg, ids, typ, state, dry)
-			verb := "done"
-			if dry {
-				verb = "would run"
+			var rep workflow.Report
+			if since == "" || len(sel.IDs) > 0 {
+				rep, err = act(cmd, env, reg, sel)
+			} else {
+				rep = workflow.Report{DryRun: sel.DryRun, Touched: []workflow.Touched{}, Errors: []workflow.DocError{}}
 			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTYPE\tFROM\tTO\tHANDLER")
-			for _, t := range touched {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.ID, t.Type, t.From, t.To, t.Handler)
+			if progressed {
+				fmt.Fprintln(stderr)
 			}
-			_ = tw.Flush()
-			fmt.Fprintf(cmd.OutOrStdout(), "%d documents (%s)\n", len(touched), verb)
-			return err
+			if asJSON {
+				if jerr := writeJSON(cmd.OutOrStdout(), rep); jerr != nil {
+					return jerr
+				}
+			} else {
+				printReport(cmd.OutOrStdout(), stderr, rep)
+			}
+			if err != nil {
+				return err
+			}
+			if len(rep.Errors) > 0 {
+				// Exit non-zero so a script notices; the others were done.
+				return fmt.Errorf("%d of %d documents failed", len(rep.Errors),
+					len(rep.Touched)+rep.Skipped.Total()+len(rep.Errors))
+			}
+			return nil
 		},
 	}
-	cmd.Flags().StringVar(&typ, "type", "", "select every document of this type (with --state)")
-	cmd.Flags().StringVar(&state, "state", "", "the state to select with --type")
-	cmd.Flags().BoolVar(&dry, "dry-run", false, "print what would run, write nothing")
+	cmd.Flags().StringVar(&sel.Type, "type", "", "select every document of this type (with --state)")
+	cmd.Flags().StringVar(&sel.State, "state", "", "the state to select with --type")
+	cmd.Flags().BoolVar(&sel.DryRun, "dry-run", false, "print what would run, write nothing")
 	if withSince {
 		cmd.Flags().StringVar(&since, "since", "", "select the documents changed after this feed seq")
 	}
 	return cmd
+}
+
+// printReport writes the documents acted on and a summary line to out, and
+// each failed document to errOut.
+func printReport(out, errOut io.Writer, rep workflow.Report) {
+	if len(rep.Touched) > 0 {
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tTYPE\tFROM\tTO\tHANDLER")
+		for _, t := range rep.Touched {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.ID, t.Type, t.From, t.To, t.Handler)
+		}
+		_ = tw.Flush()
+	}
+	for _, e := range rep.Errors {
+		fmt.Fprintf(errOut, "failed %s: %s\n", e.ID, e.Error)
+	}
+	verb := "done"
+	if rep.DryRun {
+		verb = "would run"
+	}
+	line := fmt.Sprintf("%d documents (%s)", len(rep.Touched), verb)
+	sk := rep.Skipped
+	if n := sk.Total(); n > 0 {
+		var why []string
+		for _, c := range []struct {
+			n    int
+			what string
+		}{{sk.Design, "design"}, {sk.Local, "local"}, {sk.Missing, "missing"}, {sk.Unregistered, "unregistered type"},
+			{sk.NoState, "no state"}, {sk.NotFailed, "not in an error state"}} {
+			if c.n > 0 {
+				why = append(why, fmt.Sprintf("%d %s", c.n, c.what))
+			}
+		}
+		line += fmt.Sprintf(", %d skipped (%s)", n, strings.Join(why, ", "))
+	}
+	if len(rep.Errors) > 0 {
+		line += fmt.Sprintf(", %d failed", len(rep.Errors))
+	}
+	fmt.Fprintln(out, line)
 }
 
 func newRetryCmd(g *globals, opts Options) *cobra.Command {
@@ -148,13 +218,21 @@ func newRetryCmd(g *globals, opts Options) *cobra.Command {
 again from the first attempt. Select by ids, or by --type and --state (the
 error state, usually "error"). --dry-run prints what would run.
 
+Documents not in an error state, design and _local documents, and documents
+of types this binary has no handlers for are skipped and counted. A document
+that cannot be read or written is reported and the others are still done;
+the exit code is then 1. Progress goes to stderr when it is a terminal.
+
 For an unsafe handler whose claim expired (policy fail), a retry runs the
-handler again: check the side effect did not happen first.`, false,
-		func(cmd *cobra.Command, env Env, reg *workflow.Registry, ids []string, typ, state string, dry bool) ([]workflow.Touched, error) {
-			if len(ids) == 0 && state == "" {
-				state = workflow.DefaultErrorState
+handler again: check the side effect did not happen first.`,
+		`  docstate retry --type order --dry-run
+  docstate retry order-17 order-18
+  docstate retry --type order --state error -o json | jq '.documents[].id'`, false,
+		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error) {
+			if len(sel.IDs) == 0 && sel.State == "" {
+				sel.State = workflow.DefaultErrorState
 			}
-			return workflow.Retry(cmd.Context(), env.DB, reg, ids, typ, state, dry)
+			return workflow.Retry(cmd.Context(), env.DB, reg, sel)
 		})
 }
 
@@ -165,8 +243,17 @@ func newReplayCmd(g *globals, opts Options) *cobra.Command {
 backoff and wake-ups cleared, so a running daemon sees a change and runs the
 handler of each document's current state again. Select by ids, by --type and
 --state, or by --since SEQ (every document changed after that feed position).
---dry-run prints what would run. Live claims are kept.`, true,
-		func(cmd *cobra.Command, env Env, reg *workflow.Registry, ids []string, typ, state string, dry bool) ([]workflow.Touched, error) {
-			return workflow.Replay(cmd.Context(), env.DB, reg, ids, typ, state, dry)
+--dry-run prints what would run. Live claims are kept.
+
+Design and _local documents, documents gone since, documents of types this
+binary has no handlers for and documents without a state are skipped and
+counted. A document that cannot be read or written is reported and the
+others are still done; the exit code is then 1. Progress goes to stderr when
+it is a terminal.`,
+		`  docstate replay --since 0 --dry-run
+  docstate replay --type order --state accepted
+  docstate replay order-17 -o json`, true,
+		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error) {
+			return workflow.Replay(cmd.Context(), env.DB, reg, sel)
 		})
 }

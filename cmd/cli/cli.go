@@ -46,6 +46,14 @@ type Options struct {
 	Stdout, Stderr io.Writer
 	// Environ defaults to os.Environ(); tests pass their own.
 	Environ []string
+	// Revision is the VCS revision the binary was built from, and Modified
+	// "true" when the tree had uncommitted changes. Go stamps both into
+	// the binary by itself, except with GOFLAGS=-buildvcs=false or without
+	// the .git directory in the build context (a container build, a
+	// tarball); scripts/build then passes them with -ldflags -X to
+	// variables of package main, which hands them here. When set they win
+	// over Go's stamp: someone set them on purpose.
+	Revision, Modified string
 }
 
 // Builtin returns docstate's built-in handler sets that the configuration
@@ -85,6 +93,8 @@ func Main(opts Options) int {
 type globals struct {
 	configPath string
 	sets       []string
+	// output is -o: text or json.
+	output string
 }
 
 // NewRoot builds the command tree.
@@ -110,6 +120,10 @@ document with MVCC before they start.
 Configuration comes from a YAML file (--config or DOCSTATE_CONFIG), then
 DOCSTATE_* environment variables, then --set key=value flags, each overriding
 the one before. 'docstate config keys' lists every key.`,
+		Example: `  docstate check --config /etc/docstate/docstate.yaml
+  docstate run --config /etc/docstate/docstate.yaml
+  docstate status -o json
+  docstate replay --since 0 --dry-run`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -121,8 +135,22 @@ the one before. 'docstate config keys' lists every key.`,
 	}
 	root.PersistentFlags().StringVarP(&g.configPath, "config", "c", "", "config file (YAML); default $DOCSTATE_CONFIG")
 	root.PersistentFlags().StringArrayVar(&g.sets, "set", nil, "override a config key, e.g. --set engine.workers=4 (repeatable)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", outputText,
+		"output format of status, check, retry, replay, config and version: text or json")
+	// --set completes the config keys, "key=" and no space after it, so
+	// the value comes next.
+	_ = root.RegisterFlagCompletionFunc("set", func(_ *cobra.Command, _ []string, prefix string) ([]string, cobra.ShellCompDirective) {
+		var keys []string
+		for _, k := range config.Keys() {
+			if strings.HasPrefix(k.Key, prefix) {
+				keys = append(keys, k.Key+"=\t"+k.Help)
+			}
+		}
+		return keys, cobra.ShellCompDirectiveNoSpace
+	})
+	_ = root.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{outputText, outputJSON}, cobra.ShellCompDirectiveNoFileComp))
 	root.AddCommand(newRunCmd(g, opts), newCheckCmd(g, opts), newStatusCmd(g, opts), newRetryCmd(g, opts),
-		newReplayCmd(g, opts), newVersionCmd(), newConfigCmd(g, opts))
+		newReplayCmd(g, opts), newVersionCmd(g, opts), newConfigCmd(g, opts))
 	return root
 }
 
@@ -200,24 +228,77 @@ func version() string {
 	return info.Main.Version
 }
 
-func newVersionCmd() *cobra.Command {
+// buildInfo is what docstate version prints. Its JSON keys are part of
+// the command line's interface (version -o json).
+type buildInfo struct {
+	Version   string `json:"version"`
+	GoVersion string `json:"go_version"`
+	// Revision is "" when neither Go nor the build script stamped one.
+	Revision     string `json:"revision"`
+	RevisionTime string `json:"revision_time,omitempty"`
+	Modified     bool   `json:"modified"`
+}
+
+// readBuildInfo combines Go's build stamp with what main passed in opts.
+func readBuildInfo(opts Options) buildInfo {
+	b := buildInfo{Version: version()}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		b.GoVersion = info.GoVersion
+		for _, s := range info.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				b.Revision = s.Value
+			case "vcs.time":
+				b.RevisionTime = s.Value
+			case "vcs.modified":
+				b.Modified = s.Value == "true"
+			}
+		}
+	}
+	if opts.Revision != "" {
+		if opts.Revision != b.Revision {
+			// Go's time belongs to Go's revision.
+			b.RevisionTime = ""
+		}
+		b.Revision, b.Modified = opts.Revision, opts.Modified == "true"
+	}
+	return b
+}
+
+func newVersionCmd(g *globals, opts Options) *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version and build information",
-		Args:  cobra.NoArgs,
+		Long: `Version prints the module version, the Go version and the VCS revision the
+binary was built from (with the time of that commit and whether the tree had
+local changes). Builds with GOFLAGS=-buildvcs=false or without .git carry no
+revision from Go: build with scripts/build, which passes it with -ldflags.`,
+		Example: `  docstate version
+  docstate version -o json | jq -r .revision`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			info, ok := debug.ReadBuildInfo()
+			asJSON, err := g.jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
+			b := readBuildInfo(opts)
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "docstate %s\n", version())
-			if !ok {
+			if asJSON {
+				return writeJSON(out, b)
+			}
+			fmt.Fprintf(out, "docstate %s\n", b.Version)
+			if b.GoVersion != "" {
+				fmt.Fprintf(out, "go %s\n", b.GoVersion)
+			}
+			if b.Revision == "" {
+				fmt.Fprintln(out, "vcs.revision unknown (built without VCS information; see scripts/build)")
 				return nil
 			}
-			fmt.Fprintf(out, "go %s\n", info.GoVersion)
-			for _, s := range info.Settings {
-				if strings.HasPrefix(s.Key, "vcs.") {
-					fmt.Fprintf(out, "%s %s\n", s.Key, s.Value)
-				}
+			fmt.Fprintf(out, "vcs.revision %s\n", b.Revision)
+			if b.RevisionTime != "" {
+				fmt.Fprintf(out, "vcs.time %s\n", b.RevisionTime)
 			}
+			fmt.Fprintf(out, "vcs.modified %t\n", b.Modified)
 			return nil
 		},
 	}
@@ -227,12 +308,23 @@ func newConfigCmd(g *globals, opts Options) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "config",
 		Short: "Show configuration keys or the effective configuration",
+		Example: `  docstate config keys
+  docstate config show --config /etc/docstate/docstate.yaml --set engine.workers=8`,
 	}
 	cmd.AddCommand(&cobra.Command{
 		Use:   "keys",
 		Short: "List every config key with its environment variable, default and meaning",
-		Args:  cobra.NoArgs,
+		Example: `  docstate config keys | grep smtp
+  docstate config keys -o json | jq -r '.[] | select(.type == "duration") | .key'`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := g.jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return writeJSON(cmd.OutOrStdout(), config.Keys())
+			}
 			for _, k := range config.Keys() {
 				fmt.Fprintf(cmd.OutOrStdout(), "%-30s %-36s default %-24q %s\n", k.Key, k.Env, k.Default, k.Help)
 			}
@@ -241,11 +333,27 @@ func newConfigCmd(g *globals, opts Options) *cobra.Command {
 	}, &cobra.Command{
 		Use:   "show",
 		Short: "Print the effective configuration (secrets redacted)",
-		Args:  cobra.NoArgs,
+		Long: `Show prints every key's effective value after the file, the environment and
+--set flags, secrets redacted. -o json prints one object, key to value (all
+values as strings, as in the file).`,
+		Example: `  docstate config show --config /etc/docstate/docstate.yaml
+  docstate config show -o json | jq -r '.["engine.workers"]'`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := g.jsonOutput(cmd)
+			if err != nil {
+				return err
+			}
 			cfg, err := g.load(opts)
 			if err != nil {
 				return err
+			}
+			if asJSON {
+				values := map[string]string{}
+				for _, kv := range cfg.Values() {
+					values[kv.Key] = kv.Value
+				}
+				return writeJSON(cmd.OutOrStdout(), values)
 			}
 			return printConfig(cmd.OutOrStdout(), cfg)
 		},

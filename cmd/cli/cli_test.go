@@ -143,9 +143,9 @@ func TestCheckReportsEachProblemAndFails(t *testing.T) {
 		want  []string
 		ok    bool
 	}{
-		{name: "good", db: db.Name(), want: []string{"config: ok", "couchdb: ok", "handlers: 1 registered", "job"}, ok: true},
+		{name: "good", db: db.Name(), want: []string{"config: ok", "couchdb: ok", "handlers: ok (1 registered)", "job"}, ok: true},
 		{name: "unknown key", db: db.Name(), extra: "engine:\n  wrokers: 3\n", want: []string{`unknown key "engine.wrokers"`}},
-		{name: "missing database", db: "no-such-db", want: []string{`database: "no-such-db" does not exist`}},
+		{name: "missing database", db: "no-such-db", want: []string{`database: FAIL: "no-such-db" does not exist`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

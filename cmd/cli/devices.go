@@ -3,7 +3,9 @@ package cli
 import (
 	"context"
 	"fmt"
+	"log/slog"
 
+	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/metrics"
@@ -60,19 +62,9 @@ func newDevices(env Env) (deviceSet, error) {
 	if err != nil {
 		return deviceSet{}, fmt.Errorf("devices.secret_file: %w", err)
 	}
-	smtp, err := devices.NewSMTPMailer(devices.SMTPConfig{
-		Host:        cfg.SMTP.Host,
-		Port:        cfg.SMTP.Port,
-		TLS:         devices.TLSPolicy(cfg.SMTP.TLS),
-		ImplicitTLS: cfg.SMTP.ImplicitTLS,
-		Username:    cfg.SMTP.Username,
-		Password:    cfg.SMTP.Password,
-		HELO:        cfg.SMTP.HELO,
-		Timeout:     cfg.SMTP.Timeout,
-		Logger:      env.Logger,
-	})
+	smtp, err := newSMTPMailer(cfg, env.Logger)
 	if err != nil {
-		return deviceSet{}, fmt.Errorf("smtp: %w", err)
+		return deviceSet{}, err
 	}
 	var mailer devices.Mailer = smtp
 	if env.metrics != nil {
@@ -107,4 +99,24 @@ func newDevices(env Env) (deviceSet, error) {
 		env.Mux.Handle("/devices/", d.Handler())
 	}
 	return deviceSet{Devices: d, env: env}, nil
+}
+
+// newSMTPMailer builds the mailer the device set sends with; check dials
+// it.
+func newSMTPMailer(cfg config.Config, log *slog.Logger) (*devices.SMTPMailer, error) {
+	m, err := devices.NewSMTPMailer(devices.SMTPConfig{
+		Host:        cfg.SMTP.Host,
+		Port:        cfg.SMTP.Port,
+		TLS:         devices.TLSPolicy(cfg.SMTP.TLS),
+		ImplicitTLS: cfg.SMTP.ImplicitTLS,
+		Username:    cfg.SMTP.Username,
+		Password:    cfg.SMTP.Password,
+		HELO:        cfg.SMTP.HELO,
+		Timeout:     cfg.SMTP.Timeout,
+		Logger:      log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("smtp: %w", err)
+	}
+	return m, nil
 }

@@ -162,3 +162,18 @@ func (n *notifier) stopping() {
 		n.sendLocked("STOPPING=1\nSTATUS=stopping: draining running handlers")
 	}
 }
+
+// reloading tells systemd the daemon drains to start again with a new
+// configuration (SIGHUP); the next run's notifier sends READY=1. Like
+// STOPPING=1 it ends this notifier's messages: its engine is going away.
+func (n *notifier) reloading() {
+	if n == nil {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.stopped {
+		n.stopped = true
+		n.sendLocked("RELOADING=1\nSTATUS=reloading: draining running handlers")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"os/signal"
 	"strings"
 	"sync"
@@ -23,7 +24,7 @@ import (
 func newRunCmd(g *globals, opts Options) *cobra.Command {
 	return &cobra.Command{
 		Use:   "run",
-		Short: "Run the daemon until SIGINT or SIGTERM",
+		Short: "Run the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration",
 		Long: `Run follows the configured database and runs the registered handlers.
 
 On SIGINT or SIGTERM it stops reading the feed, lets running handlers finish
@@ -33,7 +34,16 @@ replayed at the next start. With http.listen set it serves /healthz (the
 process is up), /readyz (the changes feed is healthy) and /metrics
 (Prometheus). Under systemd (Type=notify) it sends READY=1 once the feed
 runs, WATCHDOG=1 only while the feed is healthy, and STOPPING=1 on a
-signal, before the drain.`,
+signal, before the drain.
+
+On SIGHUP it reads the configuration file again (with the environment and
+--set flags it started with). If it is invalid, it logs why and runs on
+unchanged. Otherwise it drains as
+for SIGTERM, then starts again with the new configuration in the same
+process (systemd: RELOADING=1, then READY=1 once the feed runs again).`,
+		Example: `  docstate run --config /etc/docstate/docstate.yaml
+  DOCSTATE_ENGINE_WORKERS=8 docstate run --config docstate.yaml --set log.level=debug
+  kill -HUP "$(pidof docstate)"    # re-read the configuration: drain, start again`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.load(opts)
@@ -42,9 +52,67 @@ signal, before the drain.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			return run(ctx, cfg, opts, cmd)
+			// SIGHUP's default action kills the process with no drain:
+			// a closed terminal or a "reload" must not do that.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			for {
+				next, err := runUntilReload(ctx, cfg, g, opts, cmd, hup)
+				if err != nil || next == nil {
+					return err
+				}
+				cfg = *next
+			}
 		},
 	}
+}
+
+// errReload is the cause of a run's context when SIGHUP asked for a
+// reload rather than a stop.
+var errReload = errors.New("reload requested (SIGHUP)")
+
+// runUntilReload runs the daemon with cfg until ctx ends (nil, nil) or a
+// SIGHUP brings a configuration that loads (the new one, nil). A SIGHUP
+// whose configuration does not load is logged and changes nothing.
+func runUntilReload(ctx context.Context, cfg config.Config, g *globals, opts Options, cmd *cobra.Command,
+	hup <-chan os.Signal) (*config.Config, error) {
+	cycle, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	log := newLogger(cfg, cmd.ErrOrStderr())
+	var next *config.Config
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-cycle.Done():
+				return
+			case <-hup:
+			}
+			c, err := g.load(opts)
+			if err != nil {
+				log.Error("SIGHUP: the configuration does not load; running on unchanged", "err", err)
+				continue
+			}
+			next = &c
+			cancel(errReload)
+			return
+		}
+	})
+	err := run(cycle, cfg, opts, cmd)
+	cancel(nil)
+	wg.Wait()
+	if ctx.Err() != nil || !errors.Is(context.Cause(cycle), errReload) {
+		return nil, err
+	}
+	if err != nil {
+		// A reload during the start (provisioning) cancels its requests:
+		// that is the reload, not a failure to exit on. A real fault
+		// shows again in the next start.
+		log.Warn("the run ended with an error during the reload", "err", err)
+	}
+	log.Info("starting again with the reloaded configuration")
+	return next, nil
 }
 
 // EngineOptions maps the configuration onto the engine's options.
@@ -199,8 +267,13 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	wg.Go(func() {
 		select {
 		case <-ctx.Done():
-			log.Info("stop requested; draining", "timeout", cfg.Engine.DrainTimeout)
-			ntf.stopping()
+			if errors.Is(context.Cause(ctx), errReload) {
+				log.Info("reload requested (SIGHUP); draining", "timeout", cfg.Engine.DrainTimeout)
+				ntf.reloading()
+			} else {
+				log.Info("stop requested; draining", "timeout", cfg.Engine.DrainTimeout)
+				ntf.stopping()
+			}
 		case <-engCtx.Done():
 		}
 		stopEngine()

@@ -3,6 +3,7 @@ package cli_test
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -292,5 +293,105 @@ func TestSIGTERMDrainsSavesCheckpointAndLosesNothing(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("first log:\n%s\nsecond log:\n%s", log, second.stderr.String())
+	}
+}
+
+// TestSIGHUPReloadsWithADrain sends the real binary SIGHUP: the daemon
+// drains, starts again in the same process with the configuration read
+// again (here a new http.listen), and goes on handling documents; a SIGHUP
+// with a configuration that does not load is logged and changes nothing;
+// SIGTERM still stops it with exit 0. Before, SIGHUP killed it undrained.
+func TestSIGHUPReloadsWithADrain(t *testing.T) {
+	t.Parallel()
+	bin := buildOrders(t)
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	ctx := context.Background()
+	first, second := freeAddr(t), freeAddr(t)
+	config := writeConfig(t, db.Name(), "engine:\n  drain_timeout: 10s\nhttp:\n  listen: "+first+"\n")
+	orig, err := os.ReadFile(config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, bin, config)
+
+	// accepted waits until order id was handled by the running daemon.
+	accepted := func(id string) {
+		t.Helper()
+		if _, err := db.Put(ctx, id, map[string]any{"type": "order", "state": "new", "items": []string{"x"}}); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			var o order
+			if err := db.Get(ctx, id).ScanDoc(&o); err == nil && o.State == "accepted" {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("order %s not accepted within 30s; log:\n%s", id, d.stderr.String())
+			}
+		}
+	}
+	healthy := func(addr string) bool {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	hup := func() {
+		t.Helper()
+		if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+	}
+	accepted("before")
+	if !healthy(first) {
+		t.Fatalf("no /healthz on %s; log:\n%s", first, d.stderr.String())
+	}
+
+	if err := os.WriteFile(config, []byte(strings.Replace(string(orig), first, second, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup()
+	for deadline := time.Now().Add(30 * time.Second); !healthy(second); time.Sleep(50 * time.Millisecond) {
+		select {
+		case <-d.exited:
+			t.Fatalf("the daemon exited on SIGHUP (%v); log:\n%s", d.err, d.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no /healthz on the reloaded http.listen %s within 30s; log:\n%s", second, d.stderr.String())
+		}
+	}
+	if healthy(first) {
+		t.Fatalf("the old listener %s still answers after the reload", first)
+	}
+	log := d.stderr.String()
+	for _, want := range []string{"reload requested (SIGHUP); draining", "engine stopped", "starting again with the reloaded configuration"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("log lacks %q:\n%s", want, log)
+		}
+	}
+	if n := strings.Count(log, "docstate starting"); n != 2 {
+		t.Errorf("%d starts logged, want 2:\n%s", n, log)
+	}
+	accepted("after-reload")
+
+	if err := os.WriteFile(config, append([]byte(strings.Replace(string(orig), first, second, 1)), "engine:\n  wrokers: 3\n"...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup()
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(d.stderr.String(), "running on unchanged"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a SIGHUP with a broken configuration was not logged; log:\n%s", d.stderr.String())
+		}
+	}
+	if !healthy(second) {
+		t.Fatalf("the daemon stopped serving after a SIGHUP with a broken configuration; log:\n%s", d.stderr.String())
+	}
+	accepted("after-bad-reload")
+	d.stop(t, 20*time.Second)
+	if n := strings.Count(d.stderr.String(), "docstate starting"); n != 2 {
+		t.Errorf("%d starts logged, want 2 (the broken configuration must not restart it):\n%s", n, d.stderr.String())
 	}
 }

@@ -42,8 +42,14 @@ func accept(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 	return workflow.Transition("accepted").Set("item_count", len(order.Items)), nil
 }
 
+// revision and modified are written by the linker (scripts/build, see
+// cmd/docstate): the VCS revision for builds where Go stamps none.
+var revision, modified string
+
 func main() {
 	os.Exit(cli.Main(cli.Options{
+		Revision: revision,
+		Modified: modified,
 		Sets: func(env cli.Env) ([]handlers.Set, error) {
 			sets, err := cli.Builtin(env)
 			return append(sets, orders{}), err
