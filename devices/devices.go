@@ -46,6 +46,14 @@ type Options struct {
 	// (see ReadSecretFile). Changing it invalidates codes in flight.
 	Secret []byte
 
+	// Pairing is PairingControl (default, devices write into the control
+	// database) or PairingUsers (devices pair through their own _users
+	// documents; the control database is the daemon's alone).
+	Pairing string
+	// PublicURL is the server's URL as devices reach it; in users mode an
+	// active device's status carries <PublicURL>/<its control database>.
+	PublicURL string
+
 	// CodeTTL is how long a code is valid (default 15m).
 	CodeTTL time.Duration
 	// ResendInterval is the least time between two mails to one device
@@ -115,7 +123,13 @@ func New(opts Options) (*Devices, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.Pairing == "" {
+		opts.Pairing = PairingControl
+	}
 	var errs []error
+	if opts.Pairing != PairingControl && opts.Pairing != PairingUsers {
+		errs = append(errs, fmt.Errorf("pairing must be %q or %q, got %q", PairingControl, PairingUsers, opts.Pairing))
+	}
 	if opts.Client == nil {
 		errs = append(errs, errors.New("client is required"))
 	}
@@ -173,9 +187,9 @@ func New(opts Options) (*Devices, error) {
 func (d *Devices) Register(reg *workflow.Registry) error {
 	specs := []workflow.Spec{
 		{Type: DocType, State: StateNew, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
-			Handler: workflow.HandlerFunc(d.handleNew)},
+			Handler: d.publishing(d.handleNew)},
 		{Type: DocType, State: StateConfirming, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
-			Handler: workflow.HandlerFunc(d.handleConfirming)},
+			Handler: d.publishing(d.handleConfirming)},
 		{Type: DocType, State: StateActive, Mode: workflow.Safe,
 			Handler: workflow.HandlerFunc(d.handleActive)},
 	}

@@ -88,7 +88,12 @@ func (d *Devices) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.Re
 		return c.apply(workflow.Stay()).WakeAt(retryAt), nil
 	}
 	// Anything a device wrote into fields docstate owns is overwritten.
-	c.Set(FieldFailedAttempts, 0).Unset(FieldLastAttemptError, FieldReason, FieldCouchUser, FieldOwnerRole)
+	c.Set(FieldFailedAttempts, 0).Unset(FieldLastAttemptError, FieldReason, FieldOwnerRole)
+	if !d.usersMode(doc) {
+		// In the users mode the daemon itself wrote couch_user, from the
+		// name CouchDB authenticated.
+		c.Unset(FieldCouchUser)
+	}
 	return c.apply(workflow.Transition(StateConfirming)), nil
 }
 
@@ -326,6 +331,9 @@ func (d *Devices) check(doc *workflow.Doc, st codeState) string {
 
 // activate provisions the CouchDB user and moves the device to active.
 func (d *Devices) activate(ctx context.Context, doc *workflow.Doc, req request) (workflow.Result, error) {
+	if d.usersMode(doc) {
+		return d.activateUser(ctx, doc, req)
+	}
 	name := UserName(doc.ID, req.creds.Salt)
 	role := OwnerRole(req.owner)
 	if err := d.provision(ctx, doc.ID, name, role, req.creds); err != nil {
@@ -339,10 +347,40 @@ func (d *Devices) activate(ctx context.Context, doc *workflow.Doc, req request) 
 		append(append(codeFields(), inputFields()...), FieldLastAttemptError, FieldResendDenied, FieldSendDelayed)...), nil
 }
 
+// activateUser activates a device of the users mode: its owner's control
+// database is made (or healed) first, then its own user gets the owner's
+// role, and its entry is listed for the owner's other devices. Each step
+// is idempotent, so a takeover after a crash repeats them harmlessly.
+func (d *Devices) activateUser(ctx context.Context, doc *workflow.Doc, req request) (workflow.Result, error) {
+	var user string
+	_, _ = doc.Field(FieldCouchUser, &user)
+	role := OwnerRole(req.owner)
+	if _, err := d.ProvisionUserDB(ctx, req.owner); err != nil {
+		return workflow.Result{}, fmt.Errorf("provision the owner's control database: %w", err)
+	}
+	// The role is granted by the active handler once this transition is
+	// written: granted now, the _users follower would see a role that the
+	// trusted document does not show yet, and take it off.
+	now := stampOf(time.Now())
+	db := UserDBName(req.owner)
+	d.log.Info("device confirmed", "id", doc.ID, "user", user, "control_db", db)
+	res := workflow.Transition(StateActive).
+		Set(FieldOwnerRole, role).
+		Set(FieldActivatedAt, now).
+		Set(FieldControlDB, db)
+	if d.opts.PublicURL != "" {
+		res = res.Set(FieldControlURL, strings.TrimRight(d.opts.PublicURL, "/")+"/"+db)
+	}
+	return unset(res, append(append(codeFields(), inputFields()...), FieldLastAttemptError, FieldResendDenied, FieldSendDelayed)...), nil
+}
+
 // handleActive revokes on request. Safe: deleting a user is idempotent.
 func (d *Devices) handleActive(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
 	var revoke bool
 	if ok, _ := doc.Field(FieldRevokeRequested, &revoke); !ok || !revoke {
+		if d.usersMode(doc) {
+			return workflow.Stay(), d.settleActiveUser(ctx, doc)
+		}
 		return workflow.Stay(), nil
 	}
 	var name string
@@ -352,9 +390,49 @@ func (d *Devices) handleActive(ctx context.Context, doc *workflow.Doc) (workflow
 	if err := d.deprovision(ctx, doc.ID, name); err != nil {
 		return workflow.Result{}, fmt.Errorf("revoke CouchDB user: %w", err)
 	}
+	if d.usersMode(doc) {
+		var owner, deviceName string
+		_, _ = doc.Field(FieldOwner, &owner)
+		_, _ = doc.Field(FieldDeviceName, &deviceName)
+		if err := d.putDeviceInfo(ctx, owner, map[string]any{
+			"_id": TrustedID(name), "type": DeviceInfoType, "state": StateRevoked,
+			FieldCouchUser: name, FieldDeviceName: deviceName, FieldRevokedAt: stampOf(time.Now()),
+		}); err != nil {
+			return workflow.Result{}, fmt.Errorf("list the device as revoked for its owner: %w", err)
+		}
+	}
 	d.log.Info("device revoked", "id", doc.ID, "user", name)
 	return workflow.Transition(StateRevoked).
 		Set(FieldRevokedAt, stampOf(time.Now())).
 		Set(FieldReason, "revoked on request").
 		Unset(FieldRevokeRequested), nil
+}
+
+// settleActiveUser makes an active device of the users mode whole: its
+// user has the owner's role, its entry is in the owner's control database,
+// and its status names that database. Every step writes only what differs,
+// so a repeat (a restart's scan, a heal) changes nothing.
+func (d *Devices) settleActiveUser(ctx context.Context, doc *workflow.Doc) error {
+	var user, owner, deviceName, controlDB, controlURL string
+	var activated any
+	_, _ = doc.Field(FieldCouchUser, &user)
+	_, _ = doc.Field(FieldOwner, &owner)
+	_, _ = doc.Field(FieldDeviceName, &deviceName)
+	_, _ = doc.Field(FieldActivatedAt, &activated)
+	_, _ = doc.Field(FieldControlDB, &controlDB)
+	_, _ = doc.Field(FieldControlURL, &controlURL)
+	if err := d.grantRole(ctx, doc.ID, user, OwnerRole(owner)); err != nil {
+		return fmt.Errorf("grant the owner's role: %w", err)
+	}
+	if err := d.putDeviceInfo(ctx, owner, map[string]any{
+		"_id": TrustedID(user), "type": DeviceInfoType, "state": StateActive,
+		FieldCouchUser: user, FieldDeviceName: deviceName, FieldActivatedAt: activated,
+	}); err != nil {
+		return fmt.Errorf("list the device for its owner: %w", err)
+	}
+	st := map[string]any{"state": StateActive, FieldControlDB: controlDB}
+	if controlURL != "" {
+		st[FieldControlURL] = controlURL
+	}
+	return d.publish(ctx, doc, st)
 }

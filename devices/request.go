@@ -98,6 +98,20 @@ func (d *Devices) parseRequest(doc *workflow.Doc) (request, error) {
 	if err := checkDeviceName(r.deviceName); err != nil {
 		return invalid("%s %v", FieldDeviceName, err)
 	}
+	if d.usersMode(doc) {
+		// The device signed itself up with its own password: no
+		// credentials pass through the daemon. Its user name, unique on
+		// the server, takes the salt's place in what a code derives from.
+		var user string
+		if err := stringField(doc, FieldCouchUser, &user); err != nil {
+			return invalid("%v", err)
+		}
+		if err := checkUserName(user); err != nil {
+			return invalid("%s %v", FieldCouchUser, err)
+		}
+		r.creds.Salt = "user:" + user
+		return r, nil
+	}
 	ok, err := doc.Field(FieldCredentials, &r.creds)
 	if err != nil {
 		return invalid("%s must be an object {password_scheme, derived_key, salt, iterations}", FieldCredentials)

@@ -19,6 +19,13 @@ const DesignDocID = "_design/docstate-devices"
 //go:embed validate_doc_update.js
 var validateSource string
 
+// UserDBDesignID is where a per-owner control database's validation
+// function lives (see validate_userdb.js).
+const UserDBDesignID = "_design/docstate-userdb"
+
+//go:embed validate_userdb.js
+var userDBValidateSource string
+
 // writerRolePlaceholder is replaced in validateSource by the writer role,
 // as a JavaScript string literal, or left as null.
 const writerRolePlaceholder = "null /* docstate:writer-role */"
@@ -102,33 +109,41 @@ func InstallValidation(ctx context.Context, db *kivik.DB, writerRole string) err
 		// Guards the embedded file: PouchDB Server compiles "return " + source.
 		return errors.New("devices: validate_doc_update.js must start with \"function\" and hold the writer role placeholder")
 	}
-	want := designDoc{ID: DesignDocID, Language: "javascript", ValidateDocUpdate: ValidateDocUpdate(writerRole)}
+	_, err := installDesign(ctx, db, DesignDocID, ValidateDocUpdate(writerRole))
+	return err
+}
+
+// installDesign writes the design document id with source as its
+// validate_doc_update unless it is there unchanged, and reports whether it
+// wrote. A 409 (another daemon, an operator) re-reads and compares again.
+func installDesign(ctx context.Context, db *kivik.DB, id, source string) (bool, error) {
+	want := designDoc{ID: id, Language: "javascript", ValidateDocUpdate: source}
 	for range installTries {
 		var cur map[string]json.RawMessage
-		err := db.Get(ctx, DesignDocID).ScanDoc(&cur)
+		err := db.Get(ctx, id).ScanDoc(&cur)
 		switch {
 		case couch.IsNotFound(err):
 			want.Rev = ""
 		case err != nil:
-			return fmt.Errorf("devices: read %s: %w", DesignDocID, err)
+			return false, fmt.Errorf("devices: read %s: %w", id, err)
 		default:
 			if sameDesign(cur, want) {
-				return nil
+				return false, nil
 			}
 			if err := json.Unmarshal(cur["_rev"], &want.Rev); err != nil {
-				return fmt.Errorf("devices: read %s: bad _rev: %w", DesignDocID, err)
+				return false, fmt.Errorf("devices: read %s: bad _rev: %w", id, err)
 			}
 		}
-		_, err = db.Put(ctx, DesignDocID, want)
+		_, err = db.Put(ctx, id, want)
 		if couch.IsConflict(err) {
 			continue // another daemon (or an operator) wrote it meanwhile
 		}
 		if err != nil {
-			return fmt.Errorf("devices: write %s: %w", DesignDocID, err)
+			return false, fmt.Errorf("devices: write %s: %w", id, err)
 		}
-		return nil
+		return true, nil
 	}
-	return fmt.Errorf("devices: write %s: kept conflicting with other writers", DesignDocID)
+	return false, fmt.Errorf("devices: write %s: kept conflicting with other writers", id)
 }
 
 // sameDesign reports whether the stored design document holds exactly the

@@ -88,6 +88,12 @@ type Options struct {
 	Members     bool
 	MemberLease time.Duration
 
+	// PassStateless passes over documents of a handled type that have no
+	// state field, recording nothing on them, instead of marking them
+	// invalid. For databases that also hold other programs' documents of
+	// the type, such as _users, where every entry is of type "user".
+	PassStateless bool
+
 	// DrainTimeout bounds how long Run waits for running handlers after its
 	// context ends (default 30s). Past it their contexts are cancelled.
 	DrainTimeout time.Duration

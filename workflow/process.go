@@ -124,6 +124,9 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 	}
 	var invalid *invalidError
 	switch {
+	case errors.As(err, &invalid) && e.opts.PassStateless && !doc.Has("state"):
+		e.stats.skipped.Add(1)
+		return finished, false
 	case errors.As(err, &invalid):
 		return e.recordInvalid(ctx, doc, invalid)
 	case err != nil:

@@ -179,3 +179,14 @@ func RetryAfter(d time.Duration, err error) error {
 	}
 	return &retryAfterError{err: err, after: d}
 }
+
+// Changes returns the fields the result sets (values as given to Set) and
+// unsets, for handler wrappers that need to know what a run will write,
+// such as a status they publish elsewhere. The map is a copy.
+func (r Result) Changes() (set map[string]any, unset []string) {
+	set = make(map[string]any, len(r.set))
+	for k, v := range r.set {
+		set[k] = v
+	}
+	return set, append([]string(nil), r.unset...)
+}
