@@ -91,6 +91,11 @@ type Devices struct {
 	AddressWindow  time.Duration `yaml:"address_window"`
 	MaxIterations  int           `yaml:"max_iterations"`
 	TemplatesDir   string        `yaml:"templates_dir"`
+	// Pairing is "control" (devices write into the control database) or
+	// "users" (devices pair through their own _users documents).
+	Pairing      string        `yaml:"pairing"`
+	PublicURL    string        `yaml:"public_url"`
+	HealInterval time.Duration `yaml:"heal_interval"`
 }
 
 // CouchDB is how to reach the CouchDB server.
@@ -192,6 +197,8 @@ func Default() Config {
 			AddressSends:   5,
 			AddressWindow:  time.Hour,
 			MaxIterations:  1000000,
+			Pairing:        "control",
+			HealInterval:   time.Minute,
 		},
 		Databases: Databases{
 			MaxOpen:           32,

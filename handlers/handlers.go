@@ -25,6 +25,16 @@ type Provisioner interface {
 	Provision(ctx context.Context) error
 }
 
+// Runner is implemented by sets that follow more than the daemon's own
+// database, such as device pairing in its users mode, which follows _users
+// and every owner's control database. The daemon runs each beside its
+// engine, with the engine's context, waits for it to return, and is ready
+// only while every runner is.
+type Runner interface {
+	Run(ctx context.Context) error
+	Ready() error
+}
+
 // Provision calls Provision on every set that implements Provisioner.
 func Provision(ctx context.Context, sets ...Set) error {
 	for _, s := range sets {

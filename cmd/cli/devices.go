@@ -18,12 +18,32 @@ import (
 type deviceSet struct {
 	*devices.Devices
 	env Env
+	// followers run in the users pairing mode, nil otherwise.
+	followers *devices.Followers
 }
 
 var (
 	_ handlers.Set         = deviceSet{}
 	_ handlers.Provisioner = deviceSet{}
+	_ handlers.Runner      = deviceSet{}
 )
+
+// Run follows _users and the owners' control databases in the users
+// pairing mode; in the control mode there is nothing beside the engine.
+func (s deviceSet) Run(ctx context.Context) error {
+	if s.followers == nil {
+		return nil
+	}
+	return s.followers.Run(ctx)
+}
+
+// Ready is the followers' readiness, nil in the control mode.
+func (s deviceSet) Ready() error {
+	if s.followers == nil {
+		return nil
+	}
+	return s.followers.Ready()
+}
 
 func (deviceSet) Name() string { return "devices" }
 
@@ -32,7 +52,8 @@ func (deviceSet) Name() string { return "devices" }
 // admins pass it: the daemon must be one anyway, to write _users entries
 // with roles.
 func (s deviceSet) Provision(ctx context.Context) error {
-	return devices.InstallValidation(ctx, s.env.DB, "")
+	_, err := s.ProvisionControl(ctx)
+	return err
 }
 
 // countingMailer counts each send for docstate_emails_sent_total: ok,
@@ -91,14 +112,28 @@ func newDevices(env Env) (deviceSet, error) {
 		MaxIterations:  cfg.Devices.MaxIterations,
 		Templates:      tmpl,
 		Logger:         env.Logger,
+		Pairing:        cfg.Devices.Pairing,
+		PublicURL:      cfg.Devices.PublicURL,
 	})
 	if err != nil {
 		return deviceSet{}, err
 	}
+	var followers *devices.Followers
+	if cfg.Devices.Pairing == devices.PairingUsers {
+		eo := EngineOptions(cfg)
+		eo.Logger = env.Logger
+		if env.metrics != nil {
+			eo.OnRun = env.metrics.OnRun
+		}
+		so, _ := SupervisorOptions(cfg)
+		if followers, err = d.NewFollowers(devices.FollowerOptions{Engine: eo, Supervisor: so, HealInterval: cfg.Devices.HealInterval}); err != nil {
+			return deviceSet{}, err
+		}
+	}
 	if env.Mux != nil {
 		env.Mux.Handle("/devices/", d.Handler())
 	}
-	return deviceSet{Devices: d, env: env}, nil
+	return deviceSet{Devices: d, env: env, followers: followers}, nil
 }
 
 // newSMTPMailer builds the mailer the device set sends with; check dials

@@ -200,7 +200,61 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return sets, reg, eng, nil
+	return sets, reg, withRunners(eng, sets), nil
+}
+
+// withRunners runs the sets that follow more than the engine's database
+// beside it (see handlers.Runner); eng alone when there are none.
+func withRunners(eng follower, sets []handlers.Set) follower {
+	var rs []handlers.Runner
+	for _, s := range sets {
+		if r, ok := s.(handlers.Runner); ok {
+			rs = append(rs, r)
+		}
+	}
+	if len(rs) == 0 {
+		return eng
+	}
+	return &group{follower: eng, runners: rs}
+}
+
+// group is an engine and the sets' runners: it runs them all, returns once
+// every one has, and is ready while every one is.
+type group struct {
+	follower
+	runners []handlers.Runner
+}
+
+func (g *group) Run(ctx context.Context) error {
+	// One that fails stops the others: a daemon half running would look
+	// healthy while its devices wait.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, len(g.runners)+1)
+	for i, r := range g.runners {
+		wg.Go(func() {
+			if errs[i+1] = r.Run(ctx); errs[i+1] != nil {
+				cancel()
+			}
+		})
+	}
+	errs[0] = g.follower.Run(ctx)
+	cancel()
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (g *group) Ready() error {
+	if err := g.follower.Ready(); err != nil {
+		return err
+	}
+	for _, r := range g.runners {
+		if err := r.Ready(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // watching names what the daemon follows, for logs and systemd's status.

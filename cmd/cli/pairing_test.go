@@ -1,0 +1,130 @@
+package cli_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docstate/docstate/cmd/cli"
+	"github.com/docstate/docstate/devices"
+	"github.com/docstate/docstate/internal/couchtest"
+	"github.com/docstate/docstate/internal/devicetest"
+	"github.com/docstate/docstate/internal/mailtest"
+)
+
+// docstate run with devices.pairing users, configured from a file: a real
+// PouchDB device signs up as its own user, reads its code from the mail
+// sink, confirms on its own user document, and replicates its owner's
+// control database; the daemon's readiness covers the _users follower.
+func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
+	admin := couchtest.Client(t)
+	db := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	server := couchtest.Options(t).URL
+	mail := mailtest.StartMaildev(t, mailtest.MaildevOptions{})
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	path := writeConfig(t, db.Name(), fmt.Sprintf("http:\n  listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
+		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n", addr, mail.SMTPPort(), secret, server))
+	var stderr bytes.Buffer
+	root := cli.NewRoot(cli.Options{Stderr: &stderr, Environ: []string{}})
+	root.SetArgs([]string{"run", "--config", path})
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(runCtx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("run: %v\n%s", err, stderr.String())
+		}
+	}()
+
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	user, password, owner := "dev-"+hex.EncodeToString(b), hex.EncodeToString(b)+"-pw", "cli-"+hex.EncodeToString(b)+"@example.test"
+	dev := devicetest.Start(t)
+	res, err := dev.SignUp(ctx, server, user, password, map[string]any{
+		"state": devices.UserState, devices.FieldPairing: map[string]any{"owner": owner, "device_name": "CLI phone"}})
+	if err != nil || res.Status != 201 {
+		t.Fatalf("sign up: %v %d %s", err, res.Status, res.Body)
+	}
+	code := ""
+	deadline := time.Now().Add(30 * time.Second)
+	for code == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no mail to %s; stderr:\n%s", owner, stderr.String())
+		}
+		emails, _ := mail.Emails(ctx)
+		for _, m := range emails {
+			if len(m.To) > 0 && m.To[0].Address == owner {
+				if c := regexp.MustCompile(`(?m)^\s+(\d{8})\s*$`).FindStringSubmatch(m.Text); c != nil {
+					code = c[1]
+				}
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	userURL := server + "/_users/org.couchdb.user:" + user
+	status := func() map[string]any {
+		r, err := dev.HTTP(ctx, "GET", userURL, user, password, nil)
+		if err != nil || r.Status != 200 {
+			t.Fatalf("own user: %v %d", err, r.Status)
+		}
+		var doc map[string]any
+		_ = json.Unmarshal(r.Body, &doc)
+		return doc
+	}
+	for {
+		doc := status()
+		if st, _ := doc[devices.FieldPairingStatus].(map[string]any); st["state"] == "confirming" {
+			doc[devices.FieldPairing].(map[string]any)["confirm_attempt"] = code
+			doc["password"] = password
+			if r, err := dev.HTTP(ctx, "PUT", userURL, user, password, doc); err == nil && r.Status == 201 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("never confirming: %v", doc[devices.FieldPairingStatus])
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var url string
+	for url == "" {
+		if st, _ := status()[devices.FieldPairingStatus].(map[string]any); st["state"] == "active" {
+			url, _ = st[devices.FieldControlURL].(string)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("never active; stderr:\n%s", stderr.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	remote := devicetest.Remote{URL: url, User: user, Password: password}
+	if err := dev.Replicate(ctx, "control", remote, "pull"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dev.WaitFor(ctx, "control", devices.TrustedID(user), map[string]any{"state": "active"}, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get("http://" + addr + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("/readyz %d", resp.StatusCode)
+	}
+	_ = admin.DestroyDB(ctx, devices.UserDBName(owner))
+}
