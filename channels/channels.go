@@ -369,7 +369,7 @@ func (c *Channels) handleReady(ctx context.Context, doc *workflow.Doc) (workflow
 	return workflow.Stay().
 		Set(FieldMemberRoles, roles).
 		Set(FieldSubscriptions, n).
-		WakeAt(time.Now().Add(c.opts.ReconcileInterval)), nil
+		RecheckAfter(c.opts.ReconcileInterval), nil
 }
 
 // handleDeleting removes every subscription, then deletes or archives the

@@ -550,3 +550,58 @@ func TestArchivedNameStaysTaken(t *testing.T) {
 		t.Fatalf("the colliding channel changed the archive's _security: %v", sec.Members.Roles)
 	}
 }
+
+// An idle ready channel reconciles every ReconcileInterval without writing:
+// no revision of its document (which every device replicates) and none of
+// its subscriptions while nothing changes; a device activated meanwhile
+// still gets its subscription within the interval.
+func TestIdleReconcileWritesNoRevisions(t *testing.T) {
+	admin := couchtest.Client(t)
+	control := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	const owner = "idle@example.com"
+	addDevice(t, admin, control, owner)
+	runs := start(t, admin, control, channels.Options{ReconcileInterval: time.Second})
+	if _, err := control.Put(ctx, "quiet", map[string]any{"type": "channel", "state": "new", "owner": owner, "name": "Quiet"}); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, control, "quiet", channels.StateReady)
+	workflowtest.Eventually(t, 10*time.Second, "1 subscription", func() (bool, string) {
+		return len(subscriptions(t, control, "quiet")) == 1, ""
+	})
+	time.Sleep(2 * time.Second) // the first reconciles settle
+	revOf := func(id string) string {
+		var d struct {
+			Rev string `json:"_rev"`
+		}
+		if err := control.Get(ctx, id).ScanDoc(&d); err != nil {
+			t.Fatal(err)
+		}
+		return d.Rev
+	}
+	before := revOf("quiet")
+	seq := func() string {
+		st, err := control.Stats(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.UpdateSeq
+	}
+	seqBefore := seq()
+	ran := runs.Stats().Runs
+	time.Sleep(5 * time.Second) // five intervals
+	if after := revOf("quiet"); after != before {
+		t.Fatalf("idle channel went from %s to %s in five reconcile intervals", before, after)
+	}
+	if s := seq(); s != seqBefore {
+		t.Fatalf("the control database changed while idle: update_seq %s → %s", seqBefore, s)
+	}
+	if n := runs.Stats().Runs - ran; n < 3 {
+		t.Fatalf("%d reconcile runs in five intervals, want them still running", n)
+	}
+	// Still event-free: a device activated later is found by the next run.
+	addDevice(t, admin, control, owner)
+	workflowtest.Eventually(t, 10*time.Second, "2 subscriptions", func() (bool, string) {
+		return len(subscriptions(t, control, "quiet")) == 2, ""
+	})
+}

@@ -35,7 +35,10 @@
 //     (so removing a member revokes them), and makes the subscriptions
 //     exactly one per active device whose owner_role is a member's: new
 //     ones are written, stale ones updated, ones of removed members or
-//     revoked devices deleted. It stays, waking every ReconcileInterval, so
+//     revoked devices deleted. It stays and rechecks every ReconcileInterval
+//     (workflow.Result.RecheckAfter: nothing is written while nothing
+//     changed, so an idle channel makes no revisions for devices to
+//     replicate), so
 //     a device activated later gets every existing channel within that
 //     interval. A reconcile that wrote subscriptions reads the document
 //     again and takes them back if it is no longer ready, so that a

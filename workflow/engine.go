@@ -215,6 +215,9 @@ type Engine struct {
 	// soon, so a group commit need not wait for them.
 	ahead  *aheadGate
 	parked atomic.Int64
+	// rechecks holds the ids whose handler asked for an in-memory recheck
+	// (Result.RecheckAfter): their next run is not skipped as settled.
+	rechecks sync.Map
 	// members is the live membership when Options.Members is set, else nil.
 	members *members
 	// stopping is closed when the engine starts to drain: claims waiting

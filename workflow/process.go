@@ -144,7 +144,7 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 			return finishedAfter(t.Sub(now)), false
 		}
 		wake := meta.WakeAt.time()
-		if meta.Settled != 0 && meta.Settled == revGeneration(doc.Rev) && (wake.IsZero() || wake.After(now)) {
+		if meta.Settled != 0 && meta.Settled == revGeneration(doc.Rev) && (wake.IsZero() || wake.After(now)) && !e.takeRecheck(doc.ID) {
 			// Nothing changed since the handler ran and stayed.
 			if !wake.IsZero() {
 				return finishedAfter(wake.Sub(now)), false
@@ -178,6 +178,13 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 		return e.recordFailure(ctx, doc, spec, meta, herr)
 	}
 	return e.commitResult(ctx, doc, spec, meta, res, false)
+}
+
+// takeRecheck reports (once) whether a recheck asked for id is due: the
+// handler runs although nothing changed since it stayed.
+func (e *Engine) takeRecheck(id string) bool {
+	_, ok := e.rechecks.LoadAndDelete(id)
+	return ok
 }
 
 // runUnsafe claims the document, runs the handler only if the claim was
@@ -395,7 +402,7 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 		}
 		if !claimed && len(res.unset) == 0 && sameFields(doc.fields, set) && sameMeta(meta, next) {
 			e.stats.noops.Add(1)
-			return finishedUntil(res.wakeAt), false
+			return e.after(doc.ID, res), false
 		}
 	}
 	_, _, err = e.commit(ctx, doc, state, set, res.unset, next)
@@ -404,12 +411,22 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 			e.stats.transitions.Add(1)
 			if state != "" {
 				e.log.Debug("transition", "id", doc.ID, "type", doc.Type, "from", doc.State, "to", state)
+				return finishedUntil(res.wakeAt)
 			}
-			return finishedUntil(res.wakeAt)
+			return e.after(doc.ID, res)
 		},
 		func(err error) (outcome, bool) {
 			return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("the server rejected the result: %w", err)))
 		})
+}
+
+// after is a stay's outcome: its wake-up, or its in-memory recheck.
+func (e *Engine) after(id string, res Result) outcome {
+	if res.recheck > 0 && res.wakeAt.IsZero() {
+		e.rechecks.Store(id, struct{}{})
+		return finishedAfter(res.recheck)
+	}
+	return finishedUntil(res.wakeAt)
 }
 
 func finishedUntil(t time.Time) outcome {

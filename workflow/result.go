@@ -17,6 +17,8 @@ type Result struct {
 	set    map[string]any
 	unset  []string
 	wakeAt time.Time
+	// recheck asks for another run after it without writing a wake-up.
+	recheck time.Duration
 	// unsettled is set when the result was merged onto a revision whose
 	// fields changed under the handler: the write must not mark the
 	// document settled, so the handler sees the change.
@@ -53,6 +55,19 @@ func (r Result) Unset(field string) Result {
 // code. It only makes sense with Stay; a transition clears wake-ups.
 func (r Result) WakeAt(t time.Time) Result {
 	r.wakeAt = t
+	return r
+}
+
+// RecheckAfter asks the engine to run the handler again after d even if
+// the document does not change, like WakeAt, but without writing the time
+// on the document: a periodic check that finds nothing to do writes no
+// revision (replicating clients see none). The timer lives in the engine
+// only: an engine that stops forgets it, and the start scan
+// (Options.NoStartScan false, the default) runs the handler again. Use
+// WakeAt for what must happen at a time even across restarts, such as an
+// expiry. WakeAt wins when both are set.
+func (r Result) RecheckAfter(d time.Duration) Result {
+	r.recheck = d
 	return r
 }
 
