@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/url"
 	"slices"
 	"strings"
@@ -74,6 +75,10 @@ type Options struct {
 	// OnDelete is DeleteDatabase (default) or ArchiveDatabase: keep the
 	// data, readable by server admins only.
 	OnDelete string
+	// UserDBs places the subscriptions of devices paired through their
+	// own users (devices.PairingUsers) in their owner's control database,
+	// where those devices look, instead of the shared control database.
+	UserDBs bool
 	// ReconcileInterval is how often a ready channel re-checks its
 	// _security and subscriptions against its members and their active
 	// devices (default 1m): devices activated since get the channel
@@ -349,7 +354,7 @@ func (c *Channels) handleReady(ctx context.Context, doc *workflow.Doc) (workflow
 	if err := ensureSecurity(ctx, c.opts.Client.DB(ch.database), roles); err != nil {
 		return workflow.Result{}, err
 	}
-	n, written, err := c.reconcileSubscriptions(ctx, doc.ID, ch.database, roles)
+	n, written, err := c.reconcileSubscriptions(ctx, doc.ID, ch.database, roles, previousRoles(doc))
 	// The final check runs even when some writes failed: the ones that
 	// succeeded may already outlive a deletion.
 	if len(written) > 0 {
@@ -389,7 +394,7 @@ func (c *Channels) handleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 		}
 		derived = database != ""
 	}
-	if _, _, err := c.reconcileSubscriptions(ctx, doc.ID, database, nil); err != nil {
+	if _, _, err := c.reconcileSubscriptions(ctx, doc.ID, database, nil, previousRoles(doc)); err != nil {
 		return workflow.Result{}, err
 	}
 	if database != "" {
@@ -547,7 +552,7 @@ func (s subscription) same(o subscription) bool {
 // Errors are retried here, not left to the engine: once the document has
 // moved on, the engine drops this run's result and error, and a deleted
 // channel has no handler to retry.
-func (c *Channels) withdrawIfNotReady(ctx context.Context, channelID string, written map[string]string) (bool, error) {
+func (c *Channels) withdrawIfNotReady(ctx context.Context, channelID string, written map[placed]string) (bool, error) {
 	var err error
 	for attempt := range 3 {
 		if attempt > 0 {
@@ -565,7 +570,7 @@ func (c *Channels) withdrawIfNotReady(ctx context.Context, channelID string, wri
 	return false, err
 }
 
-func (c *Channels) withdrawOnce(ctx context.Context, channelID string, written map[string]string) (bool, error) {
+func (c *Channels) withdrawOnce(ctx context.Context, channelID string, written map[placed]string) (bool, error) {
 	var cur struct {
 		State string `json:"state"`
 	}
@@ -578,20 +583,22 @@ func (c *Channels) withdrawOnce(ctx context.Context, channelID string, written m
 	case cur.State == StateReady:
 		return false, nil
 	}
-	deletes := make([]any, 0, len(written))
-	for id, rev := range written {
-		deletes = append(deletes, map[string]any{"_id": id, "_rev": rev, "_deleted": true})
+	deletes := map[string][]any{}
+	for at, rev := range written {
+		deletes[at.db] = append(deletes[at.db], map[string]any{"_id": at.id, "_rev": rev, "_deleted": true})
 	}
-	results, err := c.opts.DB.BulkDocs(ctx, deletes)
-	if err != nil {
-		return false, fmt.Errorf("withdraw subscriptions of %s: %w", channelID, err)
-	}
-	for _, r := range results {
-		// A conflict means the sweep deleted it already, or another
-		// reconcile wrote a newer revision, which that reconcile's own
-		// final check withdraws.
-		if r.Error != nil && !couch.IsConflict(r.Error) && !couch.IsNotFound(r.Error) {
-			return false, fmt.Errorf("withdraw subscription %s: %w", r.ID, r.Error)
+	for name, docs := range deletes {
+		results, err := c.opts.Client.DB(name).BulkDocs(ctx, docs)
+		if err != nil {
+			return false, fmt.Errorf("withdraw subscriptions of %s: %w", channelID, err)
+		}
+		for _, r := range results {
+			// A conflict means the sweep deleted it already, or another
+			// reconcile wrote a newer revision, which that reconcile's own
+			// final check withdraws.
+			if r.Error != nil && !couch.IsConflict(r.Error) && !couch.IsNotFound(r.Error) {
+				return false, fmt.Errorf("withdraw subscription %s: %w", r.ID, r.Error)
+			}
 		}
 	}
 	c.log.Info("channel left ready while its subscriptions were written: withdrawn",
@@ -600,20 +607,26 @@ func (c *Channels) withdrawOnce(ctx context.Context, channelID string, written m
 }
 
 // reconcileSubscriptions makes the channel's subscriptions exactly one per
-// active device whose role is in roles (none: remove them all). It returns
-// how many there are, and the ones it created or updated (id → revision)
-// for handleReady's final check.
-func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, database string, roles []string) (int, map[string]string, error) {
-	want := map[string]subscription{}
+// active device whose role is in roles (none: remove them all). A device
+// paired through its own user (devices users mode) finds its subscription
+// in its owner's control database; any other device in the control
+// database. lookIn are further roles whose owners' control databases may
+// still hold subscriptions of this channel (members removed since, or every
+// member when deleting). It returns how many there are, and the ones it
+// created or updated (where → revision) for handleReady's final check.
+func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, database string, roles, lookIn []string) (int, map[placed]string, error) {
+	control := c.opts.DB.Name()
+	want := map[placed]subscription{}
 	if len(roles) > 0 {
 		_, err := workflow.FindEach(ctx, c.opts.DB,
 			map[string]any{"type": devices.DocType, "state": devices.StateActive},
-			[]string{"_id", devices.FieldOwnerRole, devices.FieldCouchUser},
+			[]string{"_id", devices.FieldOwnerRole, devices.FieldCouchUser, devices.FieldPairingMode},
 			func(raw json.RawMessage) error {
 				var d struct {
 					ID        string `json:"_id"`
 					OwnerRole string `json:"owner_role"`
 					CouchUser string `json:"couch_user"`
+					Mode      string `json:"pairing_mode"`
 				}
 				if json.Unmarshal(raw, &d) != nil || !slices.Contains(roles, d.OwnerRole) {
 					return nil
@@ -625,39 +638,53 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 				if c.opts.PublicURL != "" {
 					s.URL = c.opts.PublicURL + "/" + database
 				}
-				want[s.ID] = s
+				where := control
+				if c.opts.UserDBs && d.Mode == devices.PairingUsers {
+					where = userDBOfRole(d.OwnerRole)
+				}
+				want[placed{where, s.ID}] = s
 				return nil
 			})
 		if err != nil {
 			return 0, nil, fmt.Errorf("list active devices: %w", err)
 		}
 	}
-	have := map[string]subscription{}
-	_, err := workflow.FindEach(ctx, c.opts.DB,
-		map[string]any{"type": SubscriptionType, "channel": channelID}, nil,
-		func(raw json.RawMessage) error {
-			var s subscription
-			if json.Unmarshal(raw, &s) == nil {
-				have[s.ID] = s
+	dbs := []string{control}
+	if c.opts.UserDBs {
+		for _, r := range append(slices.Clone(roles), lookIn...) {
+			if db := userDBOfRole(r); db != "" && !slices.Contains(dbs, db) {
+				dbs = append(dbs, db)
 			}
-			return nil
-		})
-	if err != nil {
-		return 0, nil, fmt.Errorf("list subscriptions: %w", err)
+		}
 	}
-	var writes []any
-	for id, s := range want {
-		if cur, ok := have[id]; ok {
+	have := map[placed]subscription{}
+	for _, name := range dbs {
+		_, err := workflow.FindEach(ctx, c.opts.Client.DB(name),
+			map[string]any{"type": SubscriptionType, "channel": channelID}, nil,
+			func(raw json.RawMessage) error {
+				var s subscription
+				if json.Unmarshal(raw, &s) == nil {
+					have[placed{name, s.ID}] = s
+				}
+				return nil
+			})
+		if err != nil && !(name != control && couch.IsNotFound(err)) {
+			return 0, nil, fmt.Errorf("list subscriptions in %s: %w", name, err)
+		}
+	}
+	writes := map[string][]any{}
+	for at, s := range want {
+		if cur, ok := have[at]; ok {
 			if cur.same(s) {
 				continue
 			}
 			s.Rev = cur.Rev
 		}
-		writes = append(writes, s)
+		writes[at.db] = append(writes[at.db], s)
 	}
-	for id, cur := range have {
-		if _, ok := want[id]; !ok {
-			writes = append(writes, map[string]any{"_id": id, "_rev": cur.Rev, "_deleted": true})
+	for at, cur := range have {
+		if _, ok := want[at]; !ok {
+			writes[at.db] = append(writes[at.db], map[string]any{"_id": at.id, "_rev": cur.Rev, "_deleted": true})
 		}
 	}
 	if len(writes) == 0 {
@@ -666,26 +693,29 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 	if c.beforeSubscriptionWrites != nil {
 		c.beforeSubscriptionWrites()
 	}
-	results, err := c.opts.DB.BulkDocs(ctx, writes)
-	if err != nil {
-		return 0, nil, fmt.Errorf("write subscriptions: %w", err)
-	}
 	// Every row is looked at before an error is returned: the caller's
 	// final check needs all that was written, even when some row failed.
-	written := map[string]string{}
+	written := map[placed]string{}
 	var errs []error
-	for _, r := range results {
-		switch {
-		case r.Error != nil && couch.IsConflict(r.Error):
-			// Another daemon wrote the same stable id meanwhile: the next
-			// reconcile compares again.
-		case r.Error != nil:
-			errs = append(errs, fmt.Errorf("write subscription %s: %w", r.ID, r.Error))
-		case r.Rev == "":
-			errs = append(errs, fmt.Errorf("write subscription %s: the server answered without a revision", r.ID))
-		default:
-			if _, ok := want[r.ID]; ok {
-				written[r.ID] = r.Rev
+	for _, name := range slices.Sorted(maps.Keys(writes)) {
+		results, err := c.opts.Client.DB(name).BulkDocs(ctx, writes[name])
+		if err != nil {
+			errs = append(errs, fmt.Errorf("write subscriptions in %s: %w", name, err))
+			continue
+		}
+		for _, r := range results {
+			switch {
+			case r.Error != nil && couch.IsConflict(r.Error):
+				// Another daemon wrote the same stable id meanwhile: the
+				// next reconcile compares again.
+			case r.Error != nil:
+				errs = append(errs, fmt.Errorf("write subscription %s: %w", r.ID, r.Error))
+			case r.Rev == "":
+				errs = append(errs, fmt.Errorf("write subscription %s: the server answered without a revision", r.ID))
+			default:
+				if _, ok := want[placed{name, r.ID}]; ok {
+					written[placed{name, r.ID}] = r.Rev
+				}
 			}
 		}
 	}
@@ -693,4 +723,27 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 		return 0, written, err
 	}
 	return len(want), written, nil
+}
+
+// placed is a subscription document's database and id.
+type placed struct{ db, id string }
+
+// userDBOfRole is the control database of the owner whose role is role
+// (devices.UserDBName, from the role rather than the address).
+func userDBOfRole(role string) string {
+	hexPart, ok := strings.CutPrefix(role, "owner-")
+	if !ok || hexPart == "" {
+		return ""
+	}
+	return devices.UserDBPrefix + hexPart
+}
+
+// previousRoles are the member roles the last reconcile recorded: their
+// owners' control databases may hold subscriptions to take back.
+func previousRoles(doc *workflow.Doc) []string {
+	var roles []string
+	if raw, ok := rawField(doc, FieldMemberRoles); ok {
+		_ = json.Unmarshal(raw, &roles)
+	}
+	return roles
 }

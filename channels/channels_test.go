@@ -605,3 +605,56 @@ func TestIdleReconcileWritesNoRevisions(t *testing.T) {
 		return len(subscriptions(t, control, "quiet")) == 2, ""
 	})
 }
+
+// With UserDBs, a device paired through its own user finds its
+// subscription in its owner's control database, where it replicates from;
+// removing the member or deleting the channel takes it back there, at once.
+func TestSubscriptionsOfUserPairedDevicesLiveInTheirOwnersDatabase(t *testing.T) {
+	admin := couchtest.Client(t)
+	control := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	const alice, bob = "alice-ud@example.com", "bob-ud@example.com"
+	addDevice(t, admin, control, alice) // paired through the control database
+	bobPhone := addDevice(t, admin, control, bob)
+	// bob's phone paired through its own user: its trusted document says so.
+	var d map[string]any
+	if err := control.Get(ctx, bobPhone.docID).ScanDoc(&d); err != nil {
+		t.Fatal(err)
+	}
+	d[devices.FieldPairingMode] = devices.PairingUsers
+	if _, err := control.Put(ctx, bobPhone.docID, d); err != nil {
+		t.Fatal(err)
+	}
+	bobDB := devices.UserDBName(bob)
+	if err := admin.CreateDB(ctx, bobDB); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = admin.DestroyDB(context.Background(), bobDB) })
+
+	start(t, admin, control, channels.Options{UserDBs: true, ReconcileInterval: time.Second})
+	if _, err := control.Put(ctx, "shared", map[string]any{"type": "channel", "state": "new", "owner": alice, "name": "Shared",
+		"members": []string{bob}}); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, control, "shared", channels.StateReady)
+	sub := channels.SubscriptionID("shared", bobPhone.docID)
+	workflowtest.Eventually(t, 15*time.Second, "bob's subscription in bob's database, alice's in control", func() (bool, string) {
+		inBob, inControl := subscriptions(t, admin.DB(bobDB), "shared"), subscriptions(t, control, "shared")
+		_, ok := inBob[sub]
+		_, wrong := inControl[sub]
+		return ok && !wrong && len(inControl) == 1, fmt.Sprint(len(inBob), " in bob's, ", len(inControl), " in control")
+	})
+	// bob is removed: his subscription goes from his own database.
+	var ch map[string]any
+	if err := control.Get(ctx, "shared").ScanDoc(&ch); err != nil {
+		t.Fatal(err)
+	}
+	ch["members"] = []string{}
+	if _, err := control.Put(ctx, "shared", ch); err != nil {
+		t.Fatal(err)
+	}
+	workflowtest.Eventually(t, 15*time.Second, "bob's subscription taken back", func() (bool, string) {
+		n := len(subscriptions(t, admin.DB(bobDB), "shared"))
+		return n == 0, fmt.Sprint(n)
+	})
+}

@@ -24,6 +24,9 @@ func newChannels(env Env) (channelSet, error) {
 		ReconcileInterval: cfg.ReconcileInterval,
 		MaxMembers:        cfg.MaxMembers,
 		Logger:            env.Logger,
+		// Devices paired through their own users look for their
+		// subscriptions in their owner's control database.
+		UserDBs: env.Config.Devices.Enabled && env.Config.Devices.Pairing == "users",
 	}
 	if env.metrics != nil {
 		opts.OnProvisioned = env.metrics.ChannelProvisioned
