@@ -197,7 +197,7 @@ func Default() Config {
 			AddressSends:   5,
 			AddressWindow:  time.Hour,
 			MaxIterations:  1000000,
-			Pairing:        "control",
+			Pairing:        "users",
 			HealInterval:   time.Minute,
 		},
 		Databases: Databases{

@@ -46,9 +46,9 @@ type Options struct {
 	// (see ReadSecretFile). Changing it invalidates codes in flight.
 	Secret []byte
 
-	// Pairing is PairingControl (default, devices write into the control
-	// database) or PairingUsers (devices pair through their own _users
-	// documents; the control database is the daemon's alone).
+	// Pairing is PairingUsers (default: devices pair through their own
+	// _users documents; the control database is the daemon's alone) or
+	// PairingControl (devices write into a shared control database).
 	Pairing string
 	// PublicURL is the server's URL as devices reach it; in users mode an
 	// active device's status carries <PublicURL>/<its control database>.
@@ -124,7 +124,7 @@ func New(opts Options) (*Devices, error) {
 		opts.Logger = slog.Default()
 	}
 	if opts.Pairing == "" {
-		opts.Pairing = PairingControl
+		opts.Pairing = PairingUsers
 	}
 	var errs []error
 	if opts.Pairing != PairingControl && opts.Pairing != PairingUsers {

@@ -186,7 +186,7 @@ func newFixture(t testing.TB, mailer Mailer, mod func(*Options)) fixture {
 	if _, err := rand.Read(secret); err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{Client: client, DB: db, Mailer: mailer, From: "docstate@example.test",
+	opts := Options{Client: client, DB: db, Mailer: mailer, From: "docstate@example.test", Pairing: PairingControl,
 		Secret: secret, CodeTTL: time.Minute, ResendInterval: time.Minute, Logger: testLogger(t, logs),
 		HandlerTimeout: 5 * time.Second, Lease: 10 * time.Second}
 	if mod != nil {
