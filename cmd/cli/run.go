@@ -32,11 +32,11 @@ for up to engine.drain_timeout, saves the checkpoint and exits 0. Documents
 still queued are not lost: their changes were not checkpointed and are
 replayed at the next start. A database that does not exist stops the start
 with "database X does not exist"; one deleted while the daemon runs only
-pauses it until it is created again. With http.listen set it serves /healthz (the
-process is up), /readyz (the changes feed is healthy) and /metrics
-(Prometheus). Under systemd (Type=notify) it sends READY=1 once the feed
-runs, WATCHDOG=1 only while the feed is healthy, and STOPPING=1 on a
-signal, before the drain.`,
+pauses it until it is created again. With http.listen set it serves
+/healthz (the process is up), /readyz (in contact with the server and
+caught up with the changes feed) and /metrics (Prometheus). Under systemd
+(Type=notify) it sends READY=1 once ready, WATCHDOG=1 only while ready,
+and STOPPING=1 on a signal, before the drain.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := g.load(opts)
