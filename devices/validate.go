@@ -98,9 +98,18 @@ const installTries = 10
 // The client of db must be a server or database admin: only admins write
 // design documents.
 func InstallValidation(ctx context.Context, db *kivik.DB, writerRole string) error {
+	_, err := EnsureValidation(ctx, db, writerRole)
+	return err
+}
+
+// EnsureValidation is InstallValidation that reports whether it wrote the
+// design document: it was missing or held another function. A daemon calls
+// it periodically to put back a validation function deleted or edited by
+// hand, or lost with a re-created database.
+func EnsureValidation(ctx context.Context, db *kivik.DB, writerRole string) (written bool, err error) {
 	if !strings.HasPrefix(validateSource, "function") || !strings.Contains(validateSource, writerRolePlaceholder) {
 		// Guards the embedded file: PouchDB Server compiles "return " + source.
-		return errors.New("devices: validate_doc_update.js must start with \"function\" and hold the writer role placeholder")
+		return false, errors.New("devices: validate_doc_update.js must start with \"function\" and hold the writer role placeholder")
 	}
 	want := designDoc{ID: DesignDocID, Language: "javascript", ValidateDocUpdate: ValidateDocUpdate(writerRole)}
 	for range installTries {
@@ -110,13 +119,13 @@ func InstallValidation(ctx context.Context, db *kivik.DB, writerRole string) err
 		case couch.IsNotFound(err):
 			want.Rev = ""
 		case err != nil:
-			return fmt.Errorf("devices: read %s: %w", DesignDocID, err)
+			return false, fmt.Errorf("devices: read %s: %w", DesignDocID, err)
 		default:
 			if sameDesign(cur, want) {
-				return nil
+				return false, nil
 			}
 			if err := json.Unmarshal(cur["_rev"], &want.Rev); err != nil {
-				return fmt.Errorf("devices: read %s: bad _rev: %w", DesignDocID, err)
+				return false, fmt.Errorf("devices: read %s: bad _rev: %w", DesignDocID, err)
 			}
 		}
 		_, err = db.Put(ctx, DesignDocID, want)
@@ -124,11 +133,11 @@ func InstallValidation(ctx context.Context, db *kivik.DB, writerRole string) err
 			continue // another daemon (or an operator) wrote it meanwhile
 		}
 		if err != nil {
-			return fmt.Errorf("devices: write %s: %w", DesignDocID, err)
+			return false, fmt.Errorf("devices: write %s: %w", DesignDocID, err)
 		}
-		return nil
+		return true, nil
 	}
-	return fmt.Errorf("devices: write %s: kept conflicting with other writers", DesignDocID)
+	return false, fmt.Errorf("devices: write %s: kept conflicting with other writers", DesignDocID)
 }
 
 // sameDesign reports whether the stored design document holds exactly the

@@ -21,6 +21,7 @@ type deviceSet struct {
 var (
 	_ handlers.Set         = deviceSet{}
 	_ handlers.Provisioner = deviceSet{}
+	_ handlers.Repairer    = deviceSet{}
 )
 
 func (deviceSet) Name() string { return "devices" }
@@ -31,6 +32,16 @@ func (deviceSet) Name() string { return "devices" }
 // with roles.
 func (s deviceSet) Provision(ctx context.Context) error {
 	return devices.InstallValidation(ctx, s.env.DB, "")
+}
+
+// Repair puts the validation function back when it is missing or was
+// changed.
+func (s deviceSet) Repair(ctx context.Context) ([]string, error) {
+	written, err := devices.EnsureValidation(ctx, s.env.DB, "")
+	if written {
+		return []string{"validation function " + devices.DesignDocID + " in " + s.env.DB.Name()}, err
+	}
+	return nil, err
 }
 
 // countingMailer counts each send for docstate_emails_sent_total: ok,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os/signal"
@@ -179,6 +180,9 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	healCtx, stopHealing := context.WithCancel(ctx)
+	defer stopHealing()
+	wg.Go(func() { keepProvisioned(healCtx, sets, cfg.Engine.ResyncInterval, log, m) })
 	if cfg.HTTP.Listen != "" {
 		srv, ln, err := listen(cfg.HTTP.Listen, mux, eng)
 		if err != nil {
@@ -232,6 +236,37 @@ func atStart(ctx context.Context, step func() error) error {
 		case <-ctx.Done():
 			return err
 		case <-time.After(time.Duration(attempt) * time.Second):
+		}
+	}
+}
+
+// keepProvisioned provisions the sets again every interval until ctx ends,
+// so that what a set provisions and later goes missing or is changed (the
+// database deleted and created again, a design document edited by hand) is
+// back within one interval, with a warning naming it and
+// docstate_provision_repairs_total counting it.
+func keepProvisioned(ctx context.Context, sets []handlers.Set, interval time.Duration, log *slog.Logger, m *metrics.Metrics) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		repaired, err := handlers.Repair(ctx, sets...)
+		if ctx.Err() != nil {
+			return
+		}
+		for set, what := range repaired {
+			m.ProvisionRepaired(set, len(what))
+			for _, w := range what {
+				log.Warn("provisioning repaired: it was missing or had been changed", "set", set, "what", w)
+			}
+		}
+		m.ProvisionChecked(err != nil)
+		if err != nil {
+			log.Warn("provisioning check failed; trying again", "err", err, "in", interval)
 		}
 	}
 }
