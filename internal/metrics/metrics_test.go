@@ -313,7 +313,7 @@ func TestLabelsBounded(t *testing.T) {
 		"result": {"ok": true, "error": true, "terminal": true, "panic": true, "timeout": true,
 			"won": true, "lost": true, "held": true, "takeover": true, "expired": true,
 			"temporary": true, "permanent": true, "other": true, "failed": true},
-		"set": {"devices": true},
+		"set":       {"devices": true},
 		"version":   {"v1.2.3": true},
 		"goversion": {runtime.Version(): true},
 	}
