@@ -104,15 +104,6 @@ func (c *checkpointer) save(ctx context.Context, seq string) error {
 	if seq == "" || seq == c.saved {
 		return nil
 	}
-	if c.rev != "" {
-		// Read before writing: PouchDB Server accepts a _local write with
-		// a stale _rev when the document is missing, so a blind write
-		// into a database re-created since the last save would carry the
-		// old epoch over and hide the re-creation for good.
-		if err := c.verifyLocked(ctx); err != nil {
-			return err
-		}
-	}
 	return c.putLocked(ctx, seq)
 }
 
