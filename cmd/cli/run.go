@@ -66,6 +66,7 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		RetryBase:          e.RetryBase,
 		RetryMax:           e.RetryMax,
 		FeedTimeout:        e.FeedTimeout,
+		FeedHeartbeat:      e.FeedHeartbeat,
 		FeedBatch:          e.FeedBatch,
 		FeedLinger:         e.FeedLinger,
 		MaxPending:         e.MaxPending,
