@@ -25,8 +25,9 @@ import (
 // with feed=longpoll and a heartbeat, so that a server with nothing to say
 // still sends a newline every FeedHeartbeat: that renews contact (the
 // server is there), and a request on which nothing arrives for three
-// heartbeats is on a dead connection or a hung server and is given up as a
-// failure. The engine ends a longpoll itself after FeedTimeout: both CouchDB
+// heartbeats and 2s is on a dead connection or a hung server and is given
+// up as a failure (PouchDB Server also stops the heartbeats of a longpoll
+// whose database was deleted under it). The engine ends a longpoll itself after FeedTimeout: both CouchDB
 // (with a heartbeat) and PouchDB Server (at the head of a database) would
 // otherwise keep it open until a change; that end is no failure, counts no
 // reconnect and is followed by the next request at once.
