@@ -68,10 +68,12 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			if atHead {
 				e.followed.Store(true)
 			}
-			// A client that shows no heartbeats renews contact only by
-			// answers: after a longpoll the engine ended, the next
-			// request is one the server answers at once.
-			longpoll = atHead && (!ans.ended || ans.heartbeats)
+			// A longpoll the engine ended without hearing anything (a
+			// client that shows no heartbeats, or a heartbeat longer
+			// than FeedTimeout on CouchDB, which sends nothing before
+			// its first heartbeat) renewed no contact: the next request
+			// is one the server answers at once.
+			longpoll = atHead && (!ans.ended || ans.heard)
 			if ans.ended || !atHead {
 				continue
 			}
@@ -125,8 +127,9 @@ type feedAnswer struct {
 	// having had nothing to send (an answer, not a failure).
 	ended bool
 	// heartbeats: the client reports what the server sends (a client of
-	// couch.NewClient), so heartbeats renewed contact during the request.
-	heartbeats bool
+	// couch.NewClient), so heartbeats renewed contact during the request;
+	// heard: it did send something during this request.
+	heartbeats, heard bool
 }
 
 // stallLimit is how long a request may go without a byte from the server
@@ -235,7 +238,7 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		}
 		e.q.add(ch.ID, []byte(doc), tok.rev, tok)
 	}
-	ans.heartbeats = act.Wired()
+	ans.heartbeats, ans.heard = act.Wired(), act.Heard()
 	e.heartbeats.Store(ans.heartbeats)
 	if reset.Load() {
 		return ans, errFeedReset

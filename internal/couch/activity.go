@@ -18,6 +18,7 @@ import (
 type Activity struct {
 	seen  func()
 	wired atomic.Bool
+	heard atomic.Bool
 	last  atomic.Int64
 }
 
@@ -30,6 +31,10 @@ func NewActivity(seen func()) *Activity { return &Activity{seen: seen} }
 // of NewClient, so that heartbeats are seen. False for other clients: then
 // only the end of a request tells the caller the server answered.
 func (a *Activity) Wired() bool { return a.wired.Load() }
+
+// Heard reports whether the server sent anything yet (seen through a
+// client of NewClient).
+func (a *Activity) Heard() bool { return a.heard.Load() }
 
 // Quiet returns how long the server has sent nothing: since the request was
 // sent or since the server last sent something, whichever is later. Zero
@@ -48,6 +53,7 @@ func (a *Activity) sent() {
 }
 
 func (a *Activity) saw() {
+	a.heard.Store(true)
 	a.last.Store(time.Now().UnixNano())
 	if a.seen != nil {
 		a.seen()
