@@ -127,6 +127,7 @@ type Engine struct {
 	FullResyncOnStart  bool          `yaml:"full_resync_on_start"`
 	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
 	FeedTimeout        time.Duration `yaml:"feed_timeout"`
+	FeedHeartbeat      time.Duration `yaml:"feed_heartbeat"`
 	FeedBatch          int           `yaml:"feed_batch"`
 	FeedLinger         time.Duration `yaml:"feed_linger"`
 	MaxPending         int           `yaml:"max_pending"`
@@ -171,6 +172,7 @@ func Default() Config {
 			FullResyncOnStart:  true,
 			CheckpointInterval: 5 * time.Second,
 			FeedTimeout:        60 * time.Second,
+			FeedHeartbeat:      5 * time.Second,
 			FeedBatch:          500,
 			FeedLinger:         20 * time.Millisecond,
 			MaxPending:         10000,

@@ -409,8 +409,20 @@ func TestConflictingBranchCannotResetAttempts(t *testing.T) {
 	f.start(t, nil)
 	dv := newDevice(t, "dev-branch", "branch@example.test")
 	put(t, f.db, dv.doc())
-	fork := waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
+	waitState(t, f.db, dv.id, StateConfirming, 30*time.Second)
 	code := codeIn(t, readBody(t, mock.WaitReceived(t, 1, 10*time.Second)[0]))
+	// The fork point is the settled confirming revision, not the first one
+	// seen in confirming: that may be the revision carrying the unsafe
+	// handler's claim, and a branch replicated from it would bring back a
+	// claim whose lease (10s here) the engine must wait out before it runs
+	// the handler that merges the branches, a wait longer than the test's
+	// on a busy machine. A replica that forked while the claim was live is
+	// not what this test is about: a lower attempt count winning is.
+	settled(t, f.db, dv.id)
+	fork := get(t, f.db, dv.id)
+	if meta, _ := fork["docstate"].(map[string]any); fork["state"] != StateConfirming || meta["claim"] != nil || (fork[FieldFailedAttempts] != nil && fork[FieldFailedAttempts] != float64(0)) {
+		t.Fatalf("fork point is not a settled confirming revision without attempts: %s", mustJSON(fork))
+	}
 	wrong := fmt.Sprintf("%08d", (atoi(code)+1)%100_000_000)
 	for i := 1; i <= 2; i++ {
 		settled(t, f.db, dv.id)

@@ -105,12 +105,20 @@ const installTries = 10
 // The client of db must be a server or database admin: only admins write
 // design documents.
 func InstallValidation(ctx context.Context, db *kivik.DB, writerRole string) error {
+	_, err := EnsureValidation(ctx, db, writerRole)
+	return err
+}
+
+// EnsureValidation is InstallValidation that reports whether it wrote the
+// design document: it was missing or held another function. A daemon calls
+// it periodically to put back a validation function deleted or edited by
+// hand, or lost with a re-created database.
+func EnsureValidation(ctx context.Context, db *kivik.DB, writerRole string) (written bool, err error) {
 	if !strings.HasPrefix(validateSource, "function") || !strings.Contains(validateSource, writerRolePlaceholder) {
 		// Guards the embedded file: PouchDB Server compiles "return " + source.
-		return errors.New("devices: validate_doc_update.js must start with \"function\" and hold the writer role placeholder")
+		return false, errors.New("devices: validate_doc_update.js must start with \"function\" and hold the writer role placeholder")
 	}
-	_, err := installDesign(ctx, db, DesignDocID, ValidateDocUpdate(writerRole))
-	return err
+	return installDesign(ctx, db, DesignDocID, ValidateDocUpdate(writerRole))
 }
 
 // installDesign writes the design document id with source as its

@@ -646,3 +646,27 @@ func TestFullLoopWithValidation(t *testing.T) {
 	vduDeviceUpdate(t, asDevice, dv.id, func(d map[string]any) { d[FieldRevokeRequested] = true })
 	waitState(t, f.db, dv.id, StateRevoked, 30*time.Second)
 }
+
+// EnsureValidation tells a write (missing, edited) from a no-op, which the
+// daemon's periodic provisioning turns into a log line and a metric.
+func TestEnsureValidationReportsWrites(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	step := func(what string, want bool) {
+		t.Helper()
+		written, err := EnsureValidation(ctx, db, "")
+		if err != nil || written != want {
+			t.Fatalf("%s: written %v err %v, want written %v", what, written, err, want)
+		}
+	}
+	step("missing", true)
+	step("in place", false)
+	update(t, db, DesignDocID, func(d map[string]any) { d["validate_doc_update"] = "function(){}" })
+	step("edited", true)
+	step("in place again", false)
+	if _, err := db.Delete(ctx, DesignDocID, get(t, db, DesignDocID)["_rev"].(string)); err != nil {
+		t.Fatal(err)
+	}
+	step("deleted", true)
+}

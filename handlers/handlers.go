@@ -35,6 +35,47 @@ type Runner interface {
 	Ready() error
 }
 
+// Repairer is implemented by provisioners that can tell what a run had to
+// write. The daemon does not only provision at start: every
+// engine.resync_interval it provisions again, so that what went missing or
+// was changed (a database deleted and created again, a design document
+// edited by hand) is put back; a Repairer's report becomes a log line and a
+// metric. Repair must be idempotent and cheap when everything is in place
+// (a read, no write).
+type Repairer interface {
+	Provisioner
+	// Repair provisions like Provision and returns one description for
+	// each thing it had to write because it was missing or differed;
+	// none when everything was in place.
+	Repair(ctx context.Context) (repaired []string, err error)
+}
+
+// Repair provisions every set again: Repair on Repairers, Provision on the
+// other Provisioners (whose repairs cannot be told apart from no-ops). It
+// returns what was repaired, by set name, and the first error; the sets
+// after a failed one are still provisioned.
+func Repair(ctx context.Context, sets ...Set) (map[string][]string, error) {
+	repaired := map[string][]string{}
+	var first error
+	for _, s := range sets {
+		var err error
+		switch p := s.(type) {
+		case Repairer:
+			var what []string
+			what, err = p.Repair(ctx)
+			if len(what) > 0 {
+				repaired[s.Name()] = what
+			}
+		case Provisioner:
+			err = p.Provision(ctx)
+		}
+		if err != nil && first == nil {
+			first = fmt.Errorf("handlers: provision set %q: %w", s.Name(), err)
+		}
+	}
+	return repaired, first
+}
+
 // Provision calls Provision on every set that implements Provisioner.
 func Provision(ctx context.Context, sets ...Set) error {
 	for _, s := range sets {

@@ -19,6 +19,24 @@ import (
 // nothing there and the feed must start over.
 var errRecreated = errors.New("database was re-created")
 
+// ErrNoDatabase means the engine's database does not exist: it was never
+// created, or it was deleted. The engine waits for it; errors wrapping this
+// one name the database.
+var ErrNoDatabase = errors.New("database does not exist")
+
+// missingDB is the error for a database found missing.
+func missingDB(db *kivik.DB) error { return MissingDatabase(db.Name()) }
+
+// MissingDatabase returns the error saying database name does not exist;
+// it is ErrNoDatabase.
+func MissingDatabase(name string) error { return noDatabaseError{name} }
+
+// noDatabaseError names the missing database; it is ErrNoDatabase.
+type noDatabaseError struct{ name string }
+
+func (e noDatabaseError) Error() string        { return "database " + e.name + " does not exist" }
+func (e noDatabaseError) Is(target error) bool { return target == ErrNoDatabase }
+
 // checkpointID is where engine name keeps its checkpoint.
 func checkpointID(name string) string { return "_local/docstate-" + name }
 
@@ -56,6 +74,12 @@ func (c *checkpointer) load(ctx context.Context) (string, error) {
 	case couch.IsNotFound(err):
 		c.rev, c.epoch, c.saved = "", newEpoch(), "0"
 		if err := c.putLocked(ctx, "0"); err != nil {
+			if errors.Is(err, errRecreated) {
+				// The first checkpoint could not be written and is not
+				// there: no database, not a re-created one (there was
+				// no checkpoint to compare with).
+				return "", missingDB(c.db)
+			}
 			return "", err
 		}
 		return "0", nil

@@ -47,12 +47,21 @@ type Options struct {
 	RetryBase      time.Duration
 	RetryMax       time.Duration
 
-	// FeedTimeout is the longpoll timeout (default 60s); FeedBatch the
+	// FeedTimeout is how long one longpoll request waits for a change
+	// before the engine ends it and asks again (default 60s); FeedBatch the
 	// changes asked for per request (default 500).
 	FeedTimeout time.Duration
 	FeedBatch   int
+	// FeedHeartbeat is the heartbeat asked of the server on a longpoll: it
+	// sends a newline that often while it has no change (default 5s, at
+	// most half of FeedTimeout). The newlines renew the engine's contact
+	// with the server; a longpoll on which nothing arrives for three
+	// heartbeats and 2s is given up as a dead connection.
+	FeedHeartbeat time.Duration
 	// FeedRetryMin and FeedRetryMax bound the reconnect backoff after feed
-	// errors (default 1s and 2m, with jitter).
+	// errors (default 1s and 30s, with jitter). Only failures count: a
+	// longpoll that waited FeedTimeout for nothing is not one, and a
+	// success starts the backoff over.
 	FeedRetryMin time.Duration
 	FeedRetryMax time.Duration
 	// FeedLinger is how long the feed waits before asking again after a
@@ -152,8 +161,9 @@ func (o *Options) setDefaults() error {
 		o.FeedBatch = 500
 	}
 	def(&o.FeedLinger, 20*time.Millisecond)
+	def(&o.FeedHeartbeat, min(5*time.Second, o.FeedTimeout/2))
 	def(&o.FeedRetryMin, time.Second)
-	def(&o.FeedRetryMax, 2*time.Minute)
+	def(&o.FeedRetryMax, 30*time.Second)
 	if o.MaxPending == 0 {
 		o.MaxPending = 10000
 	}
@@ -165,6 +175,8 @@ func (o *Options) setDefaults() error {
 		o.Logger = slog.Default()
 	}
 	switch {
+	case o.FeedTimeout < 0, o.FeedHeartbeat <= 0:
+		return fmt.Errorf("feed timeout %v and feed heartbeat %v must be positive", o.FeedTimeout, o.FeedHeartbeat)
 	case o.Workers < 0, o.MaxAttempts < 0, o.FeedBatch < 0, o.MaxPending < 0, o.FeedLinger < 0, o.BatchSize < 0, o.BatchLinger < 0:
 		return errors.New("workers, batch size, batch linger, max attempts, feed batch, feed linger and max pending must not be negative")
 	case o.Lease <= o.HandlerTimeout:
@@ -226,9 +238,15 @@ type Engine struct {
 
 	resetFeed chan struct{}
 	running   atomic.Bool
-	// feedContact is when the server last answered a feed request (unix
-	// nanoseconds), for readiness.
+	// feedContact is when the server last sent anything on the feed: an
+	// answer, a row, a heartbeat (unix nanoseconds), for readiness.
 	feedContact atomic.Int64
+	// heartbeats is set when the client shows what the server sends
+	// (couch.NewClient's): heartbeats then renew feedContact.
+	heartbeats atomic.Bool
+	// followed is set once the feed read to the head of the database, or
+	// as far as MaxPending lets it: the engine has caught up with the feed.
+	followed atomic.Bool
 	// checkpointSaved is when the checkpoint was last written (unix ns).
 	checkpointSaved atomic.Int64
 	// feedErr is the last feed request's error, nil after a success.
@@ -329,6 +347,11 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 	since, err := e.loadCheckpoint(ctx)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Stopped while waiting for the server or the database:
+			// a stop, nothing to drain.
+			return nil
+		}
 		return err
 	}
 	e.tr.reset(since)
@@ -399,6 +422,11 @@ func (e *Engine) loadCheckpoint(ctx context.Context) (string, error) {
 	var since string
 	err := e.retry(ctx, "cannot load checkpoint", func() (err error) {
 		since, err = e.cp.load(ctx)
+		if err != nil {
+			// Readiness tells why the feed has not started: a database
+			// that does not exist, a server away.
+			e.feedErr.Store(&err)
+		}
 		return err
 	})
 	if err != nil {
@@ -427,20 +455,29 @@ func (e *Engine) retry(ctx context.Context, what string, fn func() error) error 
 	}
 }
 
-// Ready reports whether the engine is following its feed: nil when the
-// last feed request succeeded and the server answered one within a feed
-// request's deadline (1.5 × feed timeout + 5s) plus 5s, otherwise the
-// reason. A daemon's readiness probe and watchdog use it.
+// Ready reports whether the engine is in contact with the server and caught
+// up with its feed: nil when the last feed request succeeded, the feed has
+// read to the head of the database (or as far as MaxPending lets it), and
+// the server sent something on the feed within the contact limit (three
+// heartbeats + 2s + one heartbeat, 22s by default; without a client that
+// shows heartbeats FeedTimeout more), otherwise the reason. The first
+// request is answered at once, so an idle engine on a quiet database is
+// ready a round trip after its start, and ready again a round trip after
+// the server is back from an outage. A daemon's readiness probe and
+// watchdog use it.
 func (e *Engine) Ready() error {
-	last := e.feedContact.Load()
-	if last == 0 {
-		return errors.New("the changes feed has not been read yet")
-	}
 	if err := e.feedErr.Load(); err != nil {
 		return fmt.Errorf("the changes feed is failing: %w", *err)
 	}
+	last := e.feedContact.Load()
+	if last == 0 {
+		return errors.New("the server has not answered the changes feed yet")
+	}
+	if !e.followed.Load() {
+		return errors.New("the changes feed is still reading up to the head of the database")
+	}
 	age := time.Since(time.Unix(0, last))
-	limit := e.feedDeadline() + 5*time.Second
+	limit := e.contactLimit()
 	if age <= limit {
 		return nil
 	}
@@ -452,7 +489,18 @@ func (e *Engine) Ready() error {
 		}
 		return fmt.Errorf("the feed waits for workers at max pending, and no run finished for %v", time.Since(time.Unix(0, e.progress.Load())).Round(time.Second))
 	}
-	return fmt.Errorf("no answer on the changes feed for %v (limit %v)", age.Round(time.Second), limit)
+	return fmt.Errorf("nothing from the server on the changes feed for %v (limit %v)", age.Round(time.Second), limit)
+}
+
+// contactLimit is the longest silence on the feed of an engine in contact.
+// With heartbeats the server sends something every FeedHeartbeat, and a
+// silent longpoll is given up after stallLimit; without, contact is renewed
+// by the request that follows each longpoll, every FeedTimeout.
+func (e *Engine) contactLimit() time.Duration {
+	if e.heartbeats.Load() {
+		return e.stallLimit() + e.opts.FeedHeartbeat
+	}
+	return e.opts.FeedTimeout + e.stallLimit()
 }
 
 // Stats is a snapshot of the engine's counters.
@@ -481,8 +529,8 @@ type Stats struct {
 	Invalid          int64 // documents of a handled type recorded as invalid
 	Skipped          int64 // feed documents that are not workflow documents
 	Transient        int64 // runs repeated because the server could not be reached
-	FeedRequests     int64 // longpoll requests answered
-	FeedErrors       int64 // longpoll requests failed (each followed by a backoff)
+	FeedRequests     int64 // feed requests answered, longpolls ended after FeedTimeout with nothing to report included
+	FeedErrors       int64 // feed requests failed, a longpoll without heartbeats included (each followed by a reconnect with backoff)
 	FeedResets       int64 // feed restarted from 0 because the database was re-created
 	CheckpointsSaved int64
 	ResyncQueued     int64 // ids queued by scans
@@ -494,7 +542,7 @@ type Stats struct {
 	Pending          int64 // changes received and not yet checkpointed now
 
 	CheckpointSaved time.Time // when the checkpoint was last written (zero: not yet)
-	FeedContact     time.Time // when the server last answered a feed request (zero: not yet)
+	FeedContact     time.Time // when the server last sent something on the feed, a heartbeat included (zero: not yet)
 }
 
 type counters struct {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	kivik "github.com/go-kivik/kivik/v4"
@@ -18,32 +19,65 @@ import (
 // exponential backoff and jitter, so a server restart, a network cut or a
 // deleted database only pauses it.
 //
+// Contact first, then wait: the first request, and the first after every
+// failure, is a normal feed request, which the server answers at once with
+// what it has. Once the feed has read to the head of the database it asks
+// with feed=longpoll and a heartbeat, so that a server with nothing to say
+// still sends a newline every FeedHeartbeat: that renews contact (the
+// server is there), and a request on which nothing arrives for three
+// heartbeats and 2s is on a dead connection or a hung server and is given
+// up as a failure (PouchDB Server also stops the heartbeats of a longpoll
+// whose database was deleted under it). The engine ends a longpoll itself after FeedTimeout: both CouchDB
+// (with a heartbeat) and PouchDB Server (at the head of a database) would
+// otherwise keep it open until a change; that end is no failure, counts no
+// reconnect and is followed by the next request at once.
+//
 // It uses feed=longpoll in a loop rather than feed=continuous: each request
-// ends by itself, a dead connection is noticed by the request deadline, and
-// kivik v4.5.2 panics at the clean end of a continuous feed.
+// ends, a dead connection is noticed by the missing heartbeats, and kivik
+// v4.5.2 panics at the clean end of a continuous feed.
 func (e *Engine) follow(ctx context.Context, since string) {
 	failures := 0
+	// longpoll is set once a normal request found the head of the feed,
+	// cleared by every failure and reset.
+	longpoll := false
 	for ctx.Err() == nil {
 		select {
 		case <-e.resetFeed:
-			since = e.restartFeed(ctx)
+			since, longpoll = e.restartFeed(ctx), false
 			continue
 		default:
 		}
-		e.backpressured.Store(e.tr.pending() >= e.opts.MaxPending)
+		if e.tr.pending() >= e.opts.MaxPending {
+			// The feed read as far as it may: the workers are behind,
+			// not the feed.
+			e.followed.Store(true)
+			e.backpressured.Store(true)
+		}
 		err := e.tr.waitBelow(ctx, e.opts.MaxPending)
 		e.backpressured.Store(false)
 		if err != nil {
 			return
 		}
-		next, rows, err := e.poll(ctx, since)
+		ans, err := e.poll(ctx, since, longpoll)
 		if err == nil {
-			e.feedContact.Store(time.Now().UnixNano())
 			e.feedErr.Store(nil)
-			since = next
+			since = ans.next
 			failures = 0
-			e.caughtUp.Store(rows < e.opts.FeedBatch)
-			if rows < e.opts.FeedBatch && !sleep(ctx, e.opts.FeedLinger) {
+			atHead := ans.rows < e.opts.FeedBatch
+			e.caughtUp.Store(atHead)
+			if atHead {
+				e.followed.Store(true)
+			}
+			// A longpoll the engine ended without hearing anything (a
+			// client that shows no heartbeats, or a heartbeat longer
+			// than FeedTimeout on CouchDB, which sends nothing before
+			// its first heartbeat) renewed no contact: the next request
+			// is one the server answers at once.
+			longpoll = atHead && (!ans.ended || ans.heard)
+			if ans.ended || !atHead {
+				continue
+			}
+			if !sleep(ctx, e.opts.FeedLinger) {
 				return
 			}
 			continue
@@ -52,36 +86,26 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			return
 		}
 		if errors.Is(err, errFeedReset) {
-			since = e.restartFeed(ctx)
+			since, longpoll = e.restartFeed(ctx), false
 			continue
 		}
+		longpoll = false
 		failures++
 		e.stats.feedErrors.Add(1)
 		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
-		if errors.Is(err, context.DeadlineExceeded) {
-			// The longpoll outlived the server's own timeout by its
-			// slack: PouchDB Server sometimes ignores the timeout at the
-			// head of a quiet database, and always on a database deleted
-			// under the request. Neither is a failure of the feed (an
-			// engine with nothing to do must stay idle, so that a
-			// supervisor can stop it), so it is not recorded as one; the
-			// request is made again after the same pause as after a
-			// failure, which is also the window in which PouchDB Server
-			// lets a deleted database be created again (it refuses while
-			// a request holds it, and a database request in the pause
-			// would hold it too). Contact is not renewed, so a server
-			// that never answers still fails readiness after
-			// feed_timeout + 35s of silence.
-			e.log.Debug("changes feed request outlived its timeout; asking again", "since", since, "in", d.Round(time.Millisecond))
-		} else {
-			e.feedErr.Store(&err)
-			e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
+		if couch.IsNotFound(err) {
+			err = fmt.Errorf("%w (%w)", missingDB(e.db), err)
 		}
+		e.feedErr.Store(&err)
+		e.log.Warn("changes feed failed; reconnecting", "err", err, "since", since, "in", d.Round(time.Millisecond), "failures", failures)
 		if couch.IsNotFound(err) {
 			// The database is gone. When it comes back it is a new
 			// database: the checkpoint verify below notices that.
 			since = e.afterMissing(ctx, since)
 		}
+		// The pause is also the window in which PouchDB Server lets a
+		// deleted database be created again: it refuses while a request
+		// holds the database, and a request in the pause would hold it.
 		select {
 		case <-ctx.Done():
 			return
@@ -94,56 +118,111 @@ func (e *Engine) follow(ctx context.Context, since string) {
 
 var errFeedReset = errors.New("feed reset requested")
 
-// feedDeadline bounds one longpoll request: the server's own timeout plus
-// slack. A request that outlives it is on a dead connection, or (PouchDB
-// Server) on a database deleted under it, whose feed never answers.
+// feedAnswer is what one feed request brought.
+type feedAnswer struct {
+	// next is the seq to continue from; rows the changes received.
+	next string
+	rows int
+	// ended: the engine ended the longpoll at FeedTimeout, the server
+	// having had nothing to send (an answer, not a failure).
+	ended bool
+	// heartbeats: the client reports what the server sends (a client of
+	// couch.NewClient), so heartbeats renewed contact during the request;
+	// heard: it did send something during this request.
+	heartbeats, heard bool
+}
+
+// stallLimit is how long a request may go without a byte from the server
+// before it is given up as on a dead connection: three heartbeats and 2s
+// for the server's own scheduling.
+func (e *Engine) stallLimit() time.Duration { return 3*e.opts.FeedHeartbeat + 2*time.Second }
+
+// feedDeadline bounds a request on a client that shows no heartbeats, whose
+// dead connection only a deadline can notice.
 func (e *Engine) feedDeadline() time.Duration {
 	return e.opts.FeedTimeout + e.opts.FeedTimeout/2 + 5*time.Second
 }
 
-// poll makes one longpoll request and queues what it returns. It returns
-// the seq to continue from and the number of rows.
-func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
+// poll makes one feed request and queues what it returns: a normal request
+// (answered at once), or with longpoll a heartbeat longpoll that the engine
+// ends after FeedTimeout.
+func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAnswer, error) {
 	reqCtx, cancel := context.WithTimeout(ctx, e.feedDeadline())
 	defer cancel()
-	// A reset request must interrupt a longpoll that may wait a minute.
+	act := couch.NewActivity(func() { e.feedContact.Store(time.Now().UnixNano()) })
+	reqCtx = couch.WithActivity(reqCtx, act)
+	// The watcher ends the request early: on a reset request (a longpoll
+	// may wait FeedTimeout), and for a longpoll at FeedTimeout or when the
+	// server sent nothing, not even a heartbeat, for stallLimit. A normal
+	// request has no heartbeats (the server may be working out a large
+	// batch in silence): only the deadline bounds it.
 	stop := make(chan struct{})
-	reset := make(chan struct{}, 1)
+	var reset, ended, stalled atomic.Bool
 	var watcher sync.WaitGroup
 	defer watcher.Wait()
 	defer close(stop)
 	watcher.Go(func() {
-		select {
-		case <-e.resetFeed:
-			reset <- struct{}{}
-			cancel()
-		case <-stop:
+		var end, check <-chan time.Time
+		if longpoll {
+			t := time.NewTimer(e.opts.FeedTimeout)
+			defer t.Stop()
+			end = t.C
+			tick := time.NewTicker(max(e.opts.FeedHeartbeat/2, 10*time.Millisecond))
+			defer tick.Stop()
+			check = tick.C
+		}
+		for {
+			select {
+			case <-e.resetFeed:
+				reset.Store(true)
+				cancel()
+				return
+			case <-end:
+				ended.Store(true)
+				cancel()
+				return
+			case <-check:
+				if act.Wired() && act.Quiet() > e.stallLimit() {
+					stalled.Store(true)
+					cancel()
+					return
+				}
+			case <-stop:
+				return
+			}
 		}
 	})
 
-	rows := e.db.Changes(reqCtx, kivik.Params(map[string]any{
-		"feed":         "longpoll",
+	params := map[string]any{
 		"since":        since,
-		"timeout":      strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10),
 		"limit":        strconv.Itoa(e.opts.FeedBatch),
 		"include_docs": true,
-	}))
+	}
+	if longpoll {
+		params["feed"] = "longpoll"
+		params["heartbeat"] = strconv.FormatInt(e.opts.FeedHeartbeat.Milliseconds(), 10)
+		// With a heartbeat CouchDB ignores the timeout, and PouchDB Server
+		// ignores it at the head of a database; a server that honours it
+		// merely answers sooner.
+		params["timeout"] = strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10)
+	}
+	rows := e.db.Changes(reqCtx, kivik.Params(params))
 	defer rows.Close()
 	// Range over Iterator rather than calling rows.ScanDoc: ScanDoc reads
 	// the iterator's state without its lock, which races with kivik
 	// closing the iterator when the request context is cancelled (a reset,
 	// the deadline, shutdown). Iterator hands out a copy of each row.
-	last, n := since, 0
+	ans := feedAnswer{next: since}
 	var err error
 	for ch, iterErr := range rows.Iterator() {
 		if iterErr != nil {
 			err = iterErr
 			break
 		}
-		n++
+		ans.rows++
 		e.stats.changes.Add(1)
 		tok := e.tr.add(ch.Seq)
-		last = ch.Seq
+		ans.next = ch.Seq
 		if ch.Deleted {
 			e.tr.done([]token{tok})
 			continue
@@ -159,26 +238,42 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 		}
 		e.q.add(ch.ID, []byte(doc), tok.rev, tok)
 	}
-	select {
-	case <-reset:
-		return last, n, errFeedReset
-	default:
+	ans.heartbeats, ans.heard = act.Wired(), act.Heard()
+	e.heartbeats.Store(ans.heartbeats)
+	if reset.Load() {
+		return ans, errFeedReset
 	}
 	if err != nil {
-		// Rows already queued keep their tokens; continuing from the last
-		// one received loses nothing and repeats nothing.
-		if last != since {
-			return last, n, nil
+		switch {
+		case ans.next != since:
+			// Rows already queued keep their tokens; continuing from the
+			// last one received loses nothing and repeats nothing.
+			return ans, nil
+		case ended.Load() && ctx.Err() == nil:
+			// No contact is recorded here: without heartbeats an open
+			// request proves nothing, and the next one, answered at
+			// once, renews it.
+			e.stats.feedRequests.Add(1)
+			ans.ended = true
+			return ans, nil
+		case stalled.Load():
+			return ans, fmt.Errorf("changes since %s: nothing from the server for %v (heartbeat %v): %w",
+				since, e.stallLimit(), e.opts.FeedHeartbeat, errStalled)
 		}
-		return since, n, fmt.Errorf("changes since %s: %w", since, err)
+		return ans, fmt.Errorf("changes since %s: %w", since, err)
 	}
+	e.feedContact.Store(time.Now().UnixNano())
 	e.stats.feedRequests.Add(1)
 	if meta, err := rows.Metadata(); err == nil && meta.LastSeq != "" {
 		e.tr.addDone(meta.LastSeq)
-		last = meta.LastSeq
+		ans.next = meta.LastSeq
 	}
-	return last, n, nil
+	return ans, nil
 }
+
+// errStalled means a feed request was given up because the server sent
+// nothing, not even a heartbeat, for three heartbeats.
+var errStalled = errors.New("feed request stalled")
 
 // jsonDoc keeps the document bytes from the feed as they came.
 type jsonDoc []byte

@@ -21,6 +21,7 @@ func TestReadyUnderBackpressure(t *testing.T) {
 	}
 	old := time.Now().Add(-time.Hour).UnixNano()
 	e.feedContact.Store(old)
+	e.followed.Store(true)
 	if e.Ready() == nil {
 		t.Fatal("ready with a feed silent for an hour")
 	}

@@ -215,3 +215,30 @@ func scrape(addr, series string) float64 {
 	}
 	return -1
 }
+
+// run on a database that does not exist says so and stops, instead of
+// waiting and logging "database was re-created" once a second.
+func TestRunOnMissingDatabaseSaysSo(t *testing.T) {
+	name := "docstate-missing-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	path := writeConfig(t, name, "")
+	var stderr bytes.Buffer
+	root := cli.NewRoot(cli.Options{
+		Sets:    func(cli.Env) ([]handlers.Set, error) { return []handlers.Set{jobs}, nil },
+		Stderr:  &stderr,
+		Environ: []string{},
+	})
+	root.SetArgs([]string{"run", "--config", path})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err := root.ExecuteContext(ctx)
+	if ctx.Err() != nil {
+		t.Fatalf("run still waiting on a missing database after 20s; log:\n%s", stderr.String())
+	}
+	want := "database " + name + " does not exist"
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("run returned %v, want an error saying %q; log:\n%s", err, want, stderr.String())
+	}
+	if strings.Contains(stderr.String(), "re-created") {
+		t.Fatalf("the log speaks of a re-created database:\n%s", stderr.String())
+	}
+}

@@ -26,6 +26,7 @@ var (
 	_ handlers.Set         = deviceSet{}
 	_ handlers.Provisioner = deviceSet{}
 	_ handlers.Runner      = deviceSet{}
+	_ handlers.Repairer    = deviceSet{}
 )
 
 // Run follows _users and the owners' control databases in the users
@@ -54,6 +55,16 @@ func (deviceSet) Name() string { return "devices" }
 func (s deviceSet) Provision(ctx context.Context) error {
 	_, err := s.ProvisionControl(ctx)
 	return err
+}
+
+// Repair puts the validation function back when it is missing or was
+// changed.
+func (s deviceSet) Repair(ctx context.Context) ([]string, error) {
+	written, err := s.ProvisionControl(ctx)
+	if written {
+		return []string{"validation function " + devices.DesignDocID + " or _security of " + s.env.DB.Name()}, err
+	}
+	return nil, err
 }
 
 // countingMailer counts each send for docstate_emails_sent_total: ok,

@@ -18,8 +18,10 @@ import (
 const readyPoll = 200 * time.Millisecond
 
 // notifier tells systemd (sd_notify) how the daemon is doing: READY=1 once
-// the engine follows its feed, WATCHDOG=1 every watchdog/2 while the feed is
-// healthy, STOPPING=1 when a stop begins. With Type=notify and WatchdogSec
+// the engine is in contact with the server and caught up with its feed
+// (Engine.Ready, usually a round trip after the start), WATCHDOG=1 every
+// watchdog/2 while it stays so (heartbeats keep an idle feed in contact),
+// STOPPING=1 when a stop begins. With Type=notify and WatchdogSec
 // in the unit, a daemon whose feed is stuck stops pinging and systemd
 // restarts it.
 //

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	kivik "github.com/go-kivik/kivik/v4"
 	"github.com/spf13/cobra"
 
 	"github.com/docstate/docstate/config"
@@ -30,11 +32,13 @@ func newRunCmd(g *globals, opts Options) *cobra.Command {
 On SIGINT or SIGTERM it stops reading the feed, lets running handlers finish
 for up to engine.drain_timeout, saves the checkpoint and exits 0. Documents
 still queued are not lost: their changes were not checkpointed and are
-replayed at the next start. With http.listen set it serves /healthz (the
-process is up), /readyz (the changes feed is healthy) and /metrics
-(Prometheus). Under systemd (Type=notify) it sends READY=1 once the feed
-runs, WATCHDOG=1 only while the feed is healthy, and STOPPING=1 on a
-signal, before the drain.
+replayed at the next start. A database that does not exist stops the start
+with "database X does not exist"; one deleted while the daemon runs only
+pauses it until it is created again. With http.listen set it serves
+/healthz (the process is up), /readyz (in contact with the server and
+caught up with the changes feed) and /metrics (Prometheus). Under systemd
+(Type=notify) it sends READY=1 once ready, WATCHDOG=1 only while ready,
+and STOPPING=1 on a signal, before the drain.
 
 On SIGHUP it reads the configuration file again (with the environment and
 --set flags it started with). If it is invalid, it logs why and runs on
@@ -130,6 +134,7 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		RetryBase:          e.RetryBase,
 		RetryMax:           e.RetryMax,
 		FeedTimeout:        e.FeedTimeout,
+		FeedHeartbeat:      e.FeedHeartbeat,
 		FeedBatch:          e.FeedBatch,
 		FeedLinger:         e.FeedLinger,
 		MaxPending:         e.MaxPending,
@@ -285,7 +290,12 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 		m.WatchSupervisor(cfg.Engine.Name, sup.SupervisorStats)
 	}
 	mux.Handle("GET /metrics", m.Handler())
-	if err := provision(ctx, sets); err != nil {
+	if _, many := SupervisorOptions(cfg); !many {
+		if err := atStart(ctx, func() error { return requireDatabase(ctx, client, cfg.Database) }); err != nil {
+			return err
+		}
+	}
+	if err := atStart(ctx, func() error { return handlers.Provision(ctx, sets...) }); err != nil {
 		return err
 	}
 	if reg.Len() == 0 {
@@ -295,6 +305,9 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	healCtx, stopHealing := context.WithCancel(ctx)
+	defer stopHealing()
+	wg.Go(func() { keepProvisioned(healCtx, sets, cfg.Engine.ResyncInterval, log, m) })
 	if cfg.HTTP.Listen != "" {
 		srv, ln, err := listen(cfg.HTTP.Listen, mux, eng)
 		if err != nil {
@@ -339,12 +352,14 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	return nil
 }
 
-// provision prepares the database for the sets, retrying while the server
-// is away so a daemon started before its database still comes up.
-func provision(ctx context.Context, sets []handlers.Set) error {
+// atStart runs a start-up step, retrying while the server is away so a
+// daemon started before its server still comes up. A missing database is
+// not retried: it is a configuration error (or the database has yet to be
+// created), and a daemon that waited for it would look healthy to nobody.
+func atStart(ctx context.Context, step func() error) error {
 	for attempt := 1; ; attempt++ {
-		err := handlers.Provision(ctx, sets...)
-		if err == nil || attempt == 5 {
+		err := step()
+		if err == nil || attempt == 5 || errors.Is(err, workflow.ErrNoDatabase) {
 			return err
 		}
 		select {
@@ -353,6 +368,52 @@ func provision(ctx context.Context, sets []handlers.Set) error {
 		case <-time.After(time.Duration(attempt) * time.Second):
 		}
 	}
+}
+
+// keepProvisioned provisions the sets again every interval until ctx ends,
+// so that what a set provisions and later goes missing or is changed (the
+// database deleted and created again, a design document edited by hand) is
+// back within one interval, with a warning naming it and
+// docstate_provision_repairs_total counting it.
+func keepProvisioned(ctx context.Context, sets []handlers.Set, interval time.Duration, log *slog.Logger, m *metrics.Metrics) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		repaired, err := handlers.Repair(ctx, sets...)
+		if ctx.Err() != nil {
+			return
+		}
+		for set, what := range repaired {
+			m.ProvisionRepaired(set, len(what))
+			for _, w := range what {
+				log.Warn("provisioning repaired: it was missing or had been changed", "set", set, "what", w)
+			}
+		}
+		m.ProvisionChecked(err != nil)
+		if err != nil {
+			log.Warn("provisioning check failed; trying again", "err", err, "in", interval)
+		}
+	}
+}
+
+// requireDatabase fails when the configured database does not exist:
+// without it the engine could only wait (an engine waits out a database
+// deleted under it), and "database was re-created" or a silent wait would
+// not tell the operator what is wrong.
+func requireDatabase(ctx context.Context, client *kivik.Client, name string) error {
+	ok, err := client.DBExists(ctx, name)
+	switch {
+	case err != nil:
+		return fmt.Errorf("database %s: %w", name, err)
+	case !ok:
+		return fmt.Errorf("%w (create it, or set database to one that exists)", workflow.MissingDatabase(name))
+	}
+	return nil
 }
 
 // listen opens the listener for health checks and the sets' pages.

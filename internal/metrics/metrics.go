@@ -54,6 +54,8 @@ type Metrics struct {
 	flush    *prometheus.HistogramVec
 	emails   *prometheus.CounterVec
 	channels *prometheus.CounterVec
+	provs    *prometheus.CounterVec
+	repairs  *prometheus.CounterVec
 	engines  *engineCollector
 	handler  http.Handler
 }
@@ -102,11 +104,22 @@ func New(version string, opts ...Option) *Metrics {
 		Help: "Channel databases created (or found) and secured, their _security read back and verified.",
 	}, []string{"engine"})
 	m.channels.WithLabelValues(m.engine)
+	m.provs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "docstate_provision_checks_total",
+		Help: "Periodic provisioning runs (every engine.resync_interval) by result: ok or failed.",
+	}, []string{"engine", "result"})
+	m.repairs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "docstate_provision_repairs_total",
+		Help: "Provisioned things (a validation function, a design document) found missing or changed and written again, by handler set.",
+	}, []string{"engine", "set"})
+	for _, r := range []string{"ok", "failed"} {
+		m.provs.WithLabelValues(m.engine, r)
+	}
 	for _, r := range []string{EmailOK, EmailTemporary, EmailPermanent} {
 		m.emails.WithLabelValues(m.engine, r)
 	}
 	m.engines = newEngineCollector()
-	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.channels, m.engines)
+	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.channels, m.provs, m.repairs, m.engines)
 	m.handler = promhttp.InstrumentMetricHandler(m.reg, promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		Registry:          m.reg,
 		ErrorHandling:     promhttp.ContinueOnError,
@@ -151,6 +164,22 @@ func (m *Metrics) observeFlush(engine string, f workflow.FlushInfo) {
 
 // ChannelProvisioned counts one channel database provisioned and verified.
 func (m *Metrics) ChannelProvisioned() { m.channels.WithLabelValues(m.engine).Inc() }
+
+// ProvisionChecked counts one periodic provisioning run; failed tells how
+// it ended.
+func (m *Metrics) ProvisionChecked(failed bool) {
+	result := "ok"
+	if failed {
+		result = "failed"
+	}
+	m.provs.WithLabelValues(m.engine, result).Inc()
+}
+
+// ProvisionRepaired counts n things set had to write again. Set names are
+// the configured handler sets: a bounded label.
+func (m *Metrics) ProvisionRepaired(set string, n int) {
+	m.repairs.WithLabelValues(m.engine, set).Add(float64(n))
+}
 
 // EmailSent counts one mail attempt: result is EmailOK, EmailTemporary or
 // EmailPermanent; any other value is counted as "other".

@@ -300,6 +300,7 @@ docstate_build_info{goversion="` + runtime.Version() + `",version="v1.2.3"} 1
 var allowedLabels = map[string]bool{
 	"engine": true, "type": true, "state": true, "mode": true, "result": true,
 	"version": true, "goversion": true,
+	"set": true, // handler set names: the configured sets, a handful
 }
 
 func TestLabelsBounded(t *testing.T) {
@@ -309,6 +310,7 @@ func TestLabelsBounded(t *testing.T) {
 	// state from its spec.
 	m.OnRun(workflow.RunInfo{Type: "order", State: "new", Mode: workflow.Safe, Result: "error", Duration: time.Second})
 	m.EmailSent(EmailPermanent)
+	m.ProvisionRepaired("devices", 1)
 	allowedValues := map[string]map[string]bool{
 		"engine": {"orders": true, "docstate": true},
 		"type":   {"order": true},
@@ -316,7 +318,8 @@ func TestLabelsBounded(t *testing.T) {
 		"mode":   {"safe": true, "unsafe": true},
 		"result": {"ok": true, "error": true, "terminal": true, "panic": true, "timeout": true,
 			"won": true, "lost": true, "held": true, "takeover": true, "expired": true, "renewed": true, "released": true,
-			"temporary": true, "permanent": true, "other": true},
+			"temporary": true, "permanent": true, "other": true, "failed": true},
+		"set":       {"devices": true},
 		"version":   {"v1.2.3": true},
 		"goversion": {runtime.Version(): true},
 	}
