@@ -144,8 +144,12 @@ type Log struct {
 
 // HTTP configures the metrics and health listener.
 type HTTP struct {
-	// Listen is a host:port; empty disables the listener.
+	// Listen is the private listener (metrics, health, readiness), a
+	// host:port; empty disables it.
 	Listen string `yaml:"listen"`
+	// PublicListen serves what devices and their owners reach (the
+	// device confirmation page), apart from the private one; empty = off.
+	PublicListen string `yaml:"public_listen"`
 }
 
 // Default returns the built-in defaults. They form a valid configuration
@@ -185,7 +189,7 @@ func Default() Config {
 			Format: "text",
 		},
 		HTTP: HTTP{
-			Listen: "127.0.0.1:9090",
+			Listen: "127.0.0.1:9490",
 		},
 		SMTP: SMTP{
 			Port:    587,

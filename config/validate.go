@@ -309,6 +309,18 @@ func checkSecretFile(c *Config, v string) error {
 	return nil
 }
 
+// checkConfirmBaseURL is checkBaseURL for devices.base_url, whose links
+// lead to the confirmation page: that is served on http.public_listen only.
+func checkConfirmBaseURL(c *Config, v string) error {
+	if err := checkBaseURL(c, v); err != nil {
+		return err
+	}
+	if v != "" && c.Devices.Enabled && c.HTTP.PublicListen == "" {
+		return errors.New("needs http.public_listen: the confirmation page its links lead to is served there, not on the private http.listen")
+	}
+	return nil
+}
+
 func checkBaseURL(_ *Config, v string) error {
 	if v == "" {
 		return nil

@@ -181,8 +181,11 @@ func runChecks(cmd *cobra.Command, g *globals, opts Options) checkReport {
 	if cfg.Devices.Enabled {
 		checkSMTP(ctx, &rep, cfg, env)
 	}
+	if cfg.HTTP.PublicListen != "" {
+		checkListen(ctx, &rep, "http_public", cfg.HTTP.PublicListen)
+	}
 	if cfg.HTTP.Listen != "" {
-		checkListen(ctx, &rep, cfg.HTTP.Listen)
+		checkListen(ctx, &rep, "http", cfg.HTTP.Listen)
 	}
 	return rep
 }
@@ -294,14 +297,14 @@ func smtpPort(cfg config.Config) int {
 	return 587
 }
 
-// checkListen binds http.listen and lets it go.
-func checkListen(ctx context.Context, rep *checkReport, addr string) {
+// checkListen binds a listener's address and lets it go.
+func checkListen(ctx context.Context, rep *checkReport, name, addr string) {
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
-		rep.add("http", checkFail, "cannot listen on %s: %v", addr, err)
+		rep.add(name, checkFail, "cannot listen on %s: %v", addr, err)
 		return
 	}
 	_ = ln.Close()
-	rep.add("http", checkOK, "%s can be bound", addr)
+	rep.add(name, checkOK, "%s can be bound", addr)
 }

@@ -30,6 +30,9 @@ type Env struct {
 	// Mux is served on http.listen; sets mount their pages on it (the
 	// device confirmation link).
 	Mux *http.ServeMux
+	// PublicMux is served on http.public_listen: pages that devices and
+	// their owners reach (the device confirmation page). Nil when off.
+	PublicMux *http.ServeMux
 
 	// metrics is the daemon's Prometheus instrumentation (nil in commands
 	// that serve none).

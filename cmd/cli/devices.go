@@ -141,8 +141,8 @@ func newDevices(env Env) (deviceSet, error) {
 			return deviceSet{}, err
 		}
 	}
-	if env.Mux != nil {
-		env.Mux.Handle("/devices/", d.Handler())
+	if env.PublicMux != nil {
+		env.PublicMux.Handle("/devices/", d.Handler())
 	}
 	return deviceSet{Devices: d, env: env, followers: followers}, nil
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -36,9 +37,9 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	addr := freeAddr(t)
-	path := writeConfig(t, db.Name(), fmt.Sprintf("http:\n  listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
-		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n", addr, mail.SMTPPort(), secret, server))
+	addr, public := freeAddr(t), freeAddr(t)
+	path := writeConfig(t, db.Name(), fmt.Sprintf("http:\n  listen: %s\n  public_listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
+		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n  base_url: http://%s\n", addr, public, mail.SMTPPort(), secret, server, public))
 	var stderr bytes.Buffer
 	root := cli.NewRoot(cli.Options{Stderr: &stderr, Environ: []string{}})
 	root.SetArgs([]string{"run", "--config", path})
@@ -118,13 +119,29 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 	if _, err := dev.WaitFor(ctx, "control", devices.TrustedID(user), map[string]any{"state": "active"}, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.Get("http://" + addr + "/readyz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("/readyz %d", resp.StatusCode)
+	// The private listener has health and metrics, the public one only
+	// the confirmation page; readiness names its checks.
+	for _, c := range []struct {
+		url  string
+		want int
+		body string
+	}{
+		{"http://" + addr + "/readyz?verbose", 200, "[+] feed ok\n[+] devices ok\nready\n"},
+		{"http://" + addr + "/metrics", 200, ""},
+		{"http://" + addr + "/devices/confirm", 404, "404 page not found\n"},
+		{"http://" + public + "/devices/confirm", 404, "Link not valid"}, // the page, without a link's parameters
+		{"http://" + public + "/metrics", 404, "404 page not found\n"},
+		{"http://" + public + "/readyz", 404, "404 page not found\n"},
+	} {
+		resp, err := http.Get(c.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.want || !strings.Contains(string(b), c.body) {
+			t.Errorf("%s: %d %q, want %d %q", c.url, resp.StatusCode, b, c.want, c.body)
+		}
 	}
 	_ = admin.DestroyDB(ctx, devices.UserDBName(owner))
 }

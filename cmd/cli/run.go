@@ -211,10 +211,10 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 // withRunners runs the sets that follow more than the engine's database
 // beside it (see handlers.Runner); eng alone when there are none.
 func withRunners(eng follower, sets []handlers.Set) follower {
-	var rs []handlers.Runner
+	var rs []namedRunner
 	for _, s := range sets {
 		if r, ok := s.(handlers.Runner); ok {
-			rs = append(rs, r)
+			rs = append(rs, namedRunner{r, s.Name()})
 		}
 	}
 	if len(rs) == 0 {
@@ -227,7 +227,12 @@ func withRunners(eng follower, sets []handlers.Set) follower {
 // every one has, and is ready while every one is.
 type group struct {
 	follower
-	runners []handlers.Runner
+	runners []namedRunner
+}
+
+type namedRunner struct {
+	handlers.Runner
+	name string
 }
 
 func (g *group) Run(ctx context.Context) error {
@@ -256,7 +261,7 @@ func (g *group) Ready() error {
 	}
 	for _, r := range g.runners {
 		if err := r.Ready(); err != nil {
-			return err
+			return fmt.Errorf("%s: %w", r.name, err)
 		}
 	}
 	return nil
@@ -278,8 +283,12 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	}
 	defer client.Close()
 	mux := http.NewServeMux()
+	var public *http.ServeMux
+	if cfg.HTTP.PublicListen != "" {
+		public = http.NewServeMux()
+	}
 	m := metrics.New(version(), metrics.WithEngine(cfg.Engine.Name))
-	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux, metrics: m}
+	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux, PublicMux: public, metrics: m}
 	sets, reg, eng, err := build(cfg, opts, env)
 	if err != nil {
 		return err
@@ -309,14 +318,23 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	defer stopHealing()
 	wg.Go(func() { keepProvisioned(healCtx, sets, cfg.Engine.ResyncInterval, log, m) })
 	if cfg.HTTP.Listen != "" {
-		srv, ln, err := listen(cfg.HTTP.Listen, mux, eng)
+		addHealth(mux, eng)
+	}
+	for _, l := range []struct {
+		key, addr string
+		mux       *http.ServeMux
+	}{{"http.listen", cfg.HTTP.Listen, mux}, {"http.public_listen", cfg.HTTP.PublicListen, public}} {
+		if l.addr == "" {
+			continue
+		}
+		srv, ln, err := listen(l.key, l.addr, l.mux)
 		if err != nil {
 			return err
 		}
-		log.Info("http listening", "addr", ln.Addr().String())
+		log.Info("http listening", "listener", l.key, "addr", ln.Addr().String())
 		wg.Go(func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("http server failed", "err", err)
+				log.Error("http server failed", "listener", l.key, "err", err)
 			}
 		})
 		defer func() {
@@ -416,21 +434,69 @@ func requireDatabase(ctx context.Context, client *kivik.Client, name string) err
 	return nil
 }
 
-// listen opens the listener for health checks and the sets' pages.
-func listen(addr string, mux *http.ServeMux, eng follower) (*http.Server, net.Listener, error) {
+// addHealth mounts /healthz and /readyz on the private listener. /readyz
+// answers 200 "ready" or 503 with the first failing check; /readyz?verbose
+// lists every named check ([+] feed ok, [-] devices: reason), as
+// controller-runtime's probes do.
+func addHealth(mux *http.ServeMux, eng follower) {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := eng.Ready(); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		checks := readinessChecks(eng)
+		var b strings.Builder
+		failed := ""
+		for _, c := range checks {
+			if err := c.ready(); err != nil {
+				fmt.Fprintf(&b, "[-] %s: %v\n", c.name, err)
+				if failed == "" {
+					failed = c.name + ": " + err.Error()
+				}
+				continue
+			}
+			fmt.Fprintf(&b, "[+] %s ok\n", c.name)
+		}
+		_, verbose := r.URL.Query()["verbose"]
+		if failed != "" {
+			if verbose {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_, _ = w.Write([]byte(b.String() + "not ready\n"))
+				return
+			}
+			http.Error(w, "not ready: "+failed, http.StatusServiceUnavailable)
 			return
+		}
+		if verbose {
+			_, _ = w.Write([]byte(b.String()))
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+}
+
+type namedCheck struct {
+	name  string
+	ready func() error
+}
+
+// readinessChecks names what readiness is made of: the feed, and each
+// set that follows more (handlers.Runner).
+func readinessChecks(eng follower) []namedCheck {
+	g, ok := eng.(*group)
+	if !ok {
+		return []namedCheck{{"feed", eng.Ready}}
+	}
+	out := []namedCheck{{"feed", g.follower.Ready}}
+	for _, r := range g.runners {
+		out = append(out, namedCheck{r.name, r.Ready})
+	}
+	return out
+}
+
+// listen opens one of the daemon's listeners.
+func listen(key, addr string, mux *http.ServeMux) (*http.Server, net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("http.listen %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("%s %s: %w", key, addr, err)
 	}
 	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln, nil
 }
