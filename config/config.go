@@ -125,6 +125,8 @@ type Engine struct {
 	FeedBatch          int           `yaml:"feed_batch"`
 	FeedLinger         time.Duration `yaml:"feed_linger"`
 	MaxPending         int           `yaml:"max_pending"`
+	MaxDocBytes        int           `yaml:"max_doc_bytes"`
+	MaxPendingBytes    int           `yaml:"max_pending_bytes"`
 	DrainTimeout       time.Duration `yaml:"drain_timeout"`
 }
 
@@ -167,6 +169,8 @@ func Default() Config {
 			FeedBatch:          500,
 			FeedLinger:         20 * time.Millisecond,
 			MaxPending:         10000,
+			MaxDocBytes:        1 << 20,
+			MaxPendingBytes:    64 << 20,
 			DrainTimeout:       30 * time.Second,
 		},
 		Log: Log{

@@ -121,7 +121,9 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 		}
 	})
 
-	rows := e.db.Changes(reqCtx, kivik.Params(map[string]any{
+	// The client's transport replaces bodies over MaxDocBytes by a marker
+	// while the response streams (see couch.WithBodyLimit).
+	rows := e.db.Changes(couch.WithBodyLimit(reqCtx, int64(e.opts.MaxDocBytes)), kivik.Params(map[string]any{
 		"feed":         "longpoll",
 		"since":        since,
 		"timeout":      strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10),
@@ -157,6 +159,27 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 			e.q.add(ch.ID, nil, 0, tok)
 			continue
 		}
+		if size, ok := couch.TooLargeSize(doc); ok {
+			// Refused here, before any worker holds it. Its change is
+			// finished: this revision has nothing to do, and a newer
+			// one comes with its own row.
+			e.refuseOversized(ch.ID, revOf(ch.Changes), size)
+			e.tr.done([]token{tok})
+			continue
+		}
+		if len(doc) > e.opts.MaxDocBytes {
+			// A client without the limiting transport sent it whole: it
+			// is held already, but not kept.
+			e.refuseOversized(ch.ID, revOf(ch.Changes), int64(len(doc)))
+			e.tr.done([]token{tok})
+			continue
+		}
+		if !e.budget.tryHint(int64(len(doc))) {
+			// The hints' share of the budget is used up: queue the id
+			// alone, and the run reads the document within the budget.
+			e.q.add(ch.ID, nil, 0, tok)
+			continue
+		}
 		e.q.add(ch.ID, []byte(doc), tok.rev, tok)
 	}
 	select {
@@ -178,6 +201,23 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 		last = meta.LastSeq
 	}
 	return last, n, nil
+}
+
+// refuseOversized records a document over MaxDocBytes, which the engine
+// does not handle. Nothing is written to it: CouchDB has no partial update,
+// and recording the refusal on the document would mean reading it whole and
+// writing it back whole, the very cost refused. The document stays as it is
+// and is handled once an edit brings it under the limit.
+func (e *Engine) refuseOversized(id, rev string, size int64) {
+	e.stats.oversized.Add(1)
+	e.log.Warn("document too large; not handled", "id", id, "rev", rev, "bytes", size, "max_doc_bytes", e.opts.MaxDocBytes)
+}
+
+func revOf(changes []string) string {
+	if len(changes) == 0 {
+		return ""
+	}
+	return changes[0]
 }
 
 // jsonDoc keeps the document bytes from the feed as they came.

@@ -64,7 +64,8 @@ func NewClient(opts Options) (*kivik.Client, error) {
 		DisableCompression: true,
 	}
 	kopts := []kivik.Option{
-		couchdb.OptionHTTPClient(&http.Client{Transport: transport}),
+		// limitTransport enforces WithBodyLimit on the requests that ask.
+		couchdb.OptionHTTPClient(&http.Client{Transport: &limitTransport{base: transport}}),
 		couchdb.OptionNoRequestCompression(),
 	}
 	if opts.UserAgent != "" {
