@@ -30,7 +30,7 @@ func fakeStats() workflow.Stats {
 		ClaimsTakenOver: 111, ClaimsExpired: 112, ResultsDropped: 113, RetriesScheduled: 114,
 		Failed: 115, Invalid: 116, Skipped: 117, Transient: 118, FeedRequests: 119,
 		FeedErrors: 120, FeedResets: 121, CheckpointsSaved: 122, ResyncQueued: 123,
-		Inflight: 124, Queued: 125, Delayed: 126, Pending: 127,
+		Inflight: 124, Queued: 125, Delayed: 126, Pending: 127, Oversized: 128, PendingBytes: 129,
 		CheckpointSaved: clock.Add(-90 * time.Second),
 		FeedContact:     clock.Add(-2500 * time.Millisecond),
 	}
@@ -138,6 +138,8 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 		{"docstate_queue_depth", dto.MetricType_GAUGE, 125},
 		{"docstate_delayed", dto.MetricType_GAUGE, 126},
 		{"docstate_pending_changes", dto.MetricType_GAUGE, 127},
+		{"docstate_oversized_docs_total", dto.MetricType_COUNTER, 128},
+		{"docstate_pending_bytes", dto.MetricType_GAUGE, 129},
 		{"docstate_checkpoint_age_seconds", dto.MetricType_GAUGE, 90},
 		{"docstate_feed_contact_age_seconds", dto.MetricType_GAUGE, 2.5},
 		{"docstate_ready", dto.MetricType_GAUGE, 1},
