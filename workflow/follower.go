@@ -210,7 +210,12 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 // and is handled once an edit brings it under the limit.
 func (e *Engine) refuseOversized(id, rev string, size int64) {
 	e.stats.oversized.Add(1)
-	e.log.Warn("document too large; not handled", "id", id, "rev", rev, "bytes", size, "max_doc_bytes", e.opts.MaxDocBytes)
+	if size > 0 {
+		e.log.Warn("document too large; not handled", "id", id, "rev", rev, "bytes", size, "max_doc_bytes", e.opts.MaxDocBytes)
+		return
+	}
+	// Cut at the limit: the server did not say its size.
+	e.log.Warn("document too large; not handled", "id", id, "rev", rev, "max_doc_bytes", e.opts.MaxDocBytes)
 }
 
 func revOf(changes []string) string {

@@ -80,7 +80,9 @@ func (t *limitTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// Error answers are small and kivik reads them whole anyway.
 		return resp, err
 	}
-	if strings.HasSuffix(req.URL.Path, "/_changes") {
+	// The escaped path: a document id ending in "/_changes" is sent
+	// with its slash escaped, and must not be taken for a feed.
+	if strings.HasSuffix(req.URL.EscapedPath(), "/_changes") {
 		resp.Body = newChangesFilter(resp.Body, limit)
 		resp.ContentLength = -1
 		resp.Header.Del("Content-Length")

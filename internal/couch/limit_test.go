@@ -129,4 +129,14 @@ func TestBodyLimitRefusesLargeDocuments(t *testing.T) {
 			t.Error("a refusal taken for transient")
 		}
 	}
+	// A document whose id ends in "/_changes" is a document, not a feed.
+	req, _ := http.NewRequestWithContext(WithBodyLimit(context.Background(), 100), http.MethodGet, srv.URL+"/db/x%2F_changes", nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.ReadAll(resp.Body); err == nil {
+		t.Error("document x/_changes over the limit read as a feed")
+	}
 }
