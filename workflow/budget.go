@@ -2,7 +2,9 @@ package workflow
 
 import (
 	"context"
-	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // byteBudget bounds the document bytes an engine (or a supervisor's engines
@@ -16,92 +18,72 @@ import (
 // queued hints could hold the whole budget while every worker waits to read,
 // and no worker would ever take the hints. A read waits only for runs in
 // progress, which end without asking for more.
+//
+// The weighted semaphore hands freed bytes to waiting runs in order, waking
+// only those that fit: hundreds of workers may wait at once, and a broadcast
+// per release would wake them all for each finished run.
 type byteBudget struct {
-	mu      sync.Mutex
-	max     int64
-	held    int64 // hints and runs
-	hinted  int64 // hints in the queue
-	peak    int64
-	changed chan struct{} // closed and replaced whenever bytes are released
+	sem    *semaphore.Weighted
+	max    int64
+	held   atomic.Int64 // hints and runs, for Stats
+	hinted atomic.Int64 // hints in the queue
+	peak   atomic.Int64
 }
 
 func newByteBudget(max int64) *byteBudget {
-	return &byteBudget{max: max, changed: make(chan struct{})}
+	return &byteBudget{sem: semaphore.NewWeighted(max), max: max}
 }
 
 // tryHint reserves n bytes for a feed body kept as a hint, if they fit in
-// the hints' half.
+// the hints' half and no run waits for budget.
 func (b *byteBudget) tryHint(n int64) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.hinted+n > b.max/2 || b.held+n > b.max {
+	if b.hinted.Add(n) > b.max/2 {
+		b.hinted.Add(-n)
 		return false
 	}
-	b.hinted += n
-	b.take(n)
+	if !b.sem.TryAcquire(n) {
+		b.hinted.Add(-n)
+		return false
+	}
+	b.took(n)
 	return true
 }
 
 // hintTaken moves n hint bytes to the run that took the hint.
-func (b *byteBudget) hintTaken(n int64) {
-	b.mu.Lock()
-	b.hinted -= n
-	b.mu.Unlock()
-}
+func (b *byteBudget) hintTaken(n int64) { b.hinted.Add(-n) }
 
 // hintDropped releases a hint that no run will use.
 func (b *byteBudget) hintDropped(n int64) {
-	if n == 0 {
-		return
-	}
-	b.mu.Lock()
-	b.hinted -= n
-	b.mu.Unlock()
+	b.hinted.Add(-n)
 	b.release(n)
 }
 
-// acquire waits until n bytes fit, or the budget is empty: a document up to
-// the size limit is always read eventually.
+// acquire waits until n bytes (at most the whole budget) are free.
 func (b *byteBudget) acquire(ctx context.Context, n int64) error {
-	for {
-		b.mu.Lock()
-		if b.held+n <= b.max || b.held == 0 {
-			b.take(n)
-			b.mu.Unlock()
-			return nil
-		}
-		ch := b.changed
-		b.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-ch:
-		}
+	if err := b.sem.Acquire(ctx, n); err != nil {
+		return err
 	}
+	b.took(n)
+	return nil
 }
 
-// take adds n held bytes; b.mu is held.
-func (b *byteBudget) take(n int64) {
-	b.held += n
-	b.peak = max(b.peak, b.held)
+func (b *byteBudget) took(n int64) {
+	h := b.held.Add(n)
+	for p := b.peak.Load(); h > p && !b.peak.CompareAndSwap(p, h); p = b.peak.Load() {
+	}
 }
 
 func (b *byteBudget) release(n int64) {
 	if n == 0 {
 		return
 	}
-	b.mu.Lock()
-	b.held -= n
-	close(b.changed)
-	b.changed = make(chan struct{})
-	b.mu.Unlock()
+	b.held.Add(-n)
+	b.sem.Release(n)
 }
 
 // stats returns the bytes held now and the most ever held.
 func (b *byteBudget) stats() (held, peak int64) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.held, b.peak
+	return b.held.Load(), b.peak.Load()
 }
 
 // hold is one run's share of the budget.
@@ -110,9 +92,11 @@ type hold struct {
 	n int64
 }
 
-// acquire replaces what the run holds with n bytes.
+// acquire replaces what the run holds with n bytes. n is capped at the
+// whole budget, which a semaphore could never grant.
 func (h *hold) acquire(ctx context.Context, n int64) error {
 	h.release()
+	n = min(n, h.b.max)
 	if err := h.b.acquire(ctx, n); err != nil {
 		return err
 	}

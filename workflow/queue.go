@@ -168,7 +168,7 @@ func (q *queue) done(id string, giveBack []token, covered int) []token {
 
 // dropHint gives a hint's bytes back; q.mu is held.
 func (q *queue) dropHint(hint []byte) {
-	if q.budget != nil && hint != nil {
+	if q.budget != nil && len(hint) > 0 {
 		q.budget.hintDropped(int64(len(hint)))
 	}
 }
