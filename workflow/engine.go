@@ -73,12 +73,13 @@ type Options struct {
 	// the limit.
 	MaxDocBytes int
 	// MaxPendingBytes bounds the document bytes held at once: feed bodies
-	// waiting in the queue (at most half of it; past that the feed queues
-	// the id alone and the run reads the document) and the document each
-	// run holds (default 64 MiB, at least twice MaxDocBytes). A run waits
-	// for budget before it reads. In a supervisor all engines share one
-	// budget. Each body is counted once; the engine's working copies of
-	// the documents in progress add about twice as much again.
+	// waiting in the queue (at most half of it; past that, or while runs
+	// wait for budget, the feed queues the id alone and the run reads the
+	// document) and the document each run holds (default 64 MiB, at least
+	// twice MaxDocBytes). A run waits for budget before it reads. In a
+	// supervisor all engines share one budget. Each body is counted once;
+	// the engine's working copies of the documents in progress add about
+	// twice as much again.
 	MaxPendingBytes int
 
 	// CheckpointInterval is how often the checkpoint is saved when it moved
