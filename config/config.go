@@ -131,6 +131,8 @@ type Engine struct {
 	FeedBatch          int           `yaml:"feed_batch"`
 	FeedLinger         time.Duration `yaml:"feed_linger"`
 	MaxPending         int           `yaml:"max_pending"`
+	MaxDocBytes        int           `yaml:"max_doc_bytes"`
+	MaxPendingBytes    int           `yaml:"max_pending_bytes"`
 	DrainTimeout       time.Duration `yaml:"drain_timeout"`
 	Members            bool          `yaml:"members"`
 	MemberLease        time.Duration `yaml:"member_lease"`
@@ -180,6 +182,8 @@ func Default() Config {
 			FeedBatch:          500,
 			FeedLinger:         20 * time.Millisecond,
 			MaxPending:         10000,
+			MaxDocBytes:        1 << 20,
+			MaxPendingBytes:    64 << 20,
 			DrainTimeout:       30 * time.Second,
 			Members:            true,
 			MemberLease:        30 * time.Second,

@@ -214,6 +214,15 @@ func checkMaxPending(c *Config, v int) error {
 	return nil
 }
 
+func checkMaxPendingBytes(c *Config, v int) error {
+	// Feed bodies may take half; a read of the largest document must fit
+	// in the other half.
+	if v < 2*c.Engine.MaxDocBytes {
+		return fmt.Errorf("must be at least twice engine.max_doc_bytes (%d), got %d", 2*c.Engine.MaxDocBytes, v)
+	}
+	return nil
+}
+
 // checkListen accepts "", or host:port with a numeric port; the host may
 // be empty to listen on every interface. Port 0 (any free port) is allowed
 // for tests.

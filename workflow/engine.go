@@ -72,6 +72,24 @@ type Options struct {
 	// MaxPending bounds changes received but not finished; the feed pauses
 	// at the bound. Default 10000.
 	MaxPending int
+	// MaxDocBytes is the largest document the engine handles, in bytes of
+	// its JSON (default 1 MiB). A larger one is refused without being held
+	// whole: the feed drops its body as it streams past, a read stops at
+	// the limit, and nothing is written to it (CouchDB has no partial
+	// update, so a note on the document would mean writing it back whole).
+	// The refusal is counted (Stats.Oversized) and logged; the change is
+	// finished, and the document is handled once an edit brings it under
+	// the limit.
+	MaxDocBytes int
+	// MaxPendingBytes bounds the document bytes held at once: feed bodies
+	// waiting in the queue (at most half of it; past that, or while runs
+	// wait for budget, the feed queues the id alone and the run reads the
+	// document) and the document each run holds (default 64 MiB, at least
+	// twice MaxDocBytes). A run waits for budget before it reads. In a
+	// supervisor all engines share one budget. Each body is counted once;
+	// the engine's working copies of the documents in progress add about
+	// twice as much again.
+	MaxPendingBytes int
 
 	// CheckpointInterval is how often the checkpoint is saved when it moved
 	// (default 5s).
@@ -167,6 +185,12 @@ func (o *Options) setDefaults() error {
 	if o.MaxPending == 0 {
 		o.MaxPending = 10000
 	}
+	if o.MaxDocBytes == 0 {
+		o.MaxDocBytes = 1 << 20
+	}
+	if o.MaxPendingBytes == 0 {
+		o.MaxPendingBytes = max(64<<20, 2*o.MaxDocBytes)
+	}
 	def(&o.CheckpointInterval, 5*time.Second)
 	def(&o.ResyncInterval, time.Minute)
 	def(&o.DrainTimeout, 30*time.Second)
@@ -187,6 +211,11 @@ func (o *Options) setDefaults() error {
 		return fmt.Errorf("retry base %v exceeds retry max %v", o.RetryBase, o.RetryMax)
 	case o.MaxPending < o.FeedBatch:
 		return fmt.Errorf("max pending %d is below feed batch %d", o.MaxPending, o.FeedBatch)
+	case o.MaxDocBytes < 1024:
+		return fmt.Errorf("max doc bytes %d is below 1024", o.MaxDocBytes)
+	case o.MaxPendingBytes < 2*o.MaxDocBytes:
+		// Hints take at most half; a read must fit in the other half.
+		return fmt.Errorf("max pending bytes %d is below twice max doc bytes %d", o.MaxPendingBytes, o.MaxDocBytes)
 	}
 	return nil
 }
@@ -235,6 +264,9 @@ type Engine struct {
 	// stopping is closed when the engine starts to drain: claims waiting
 	// for a slot are released rather than run.
 	stopping <-chan struct{}
+	// budget bounds the document bytes held (MaxPendingBytes); a
+	// supervisor's engines share one.
+	budget *byteBudget
 
 	resetFeed chan struct{}
 	running   atomic.Bool
@@ -283,6 +315,7 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		handlerSlots: make(chan struct{}, opts.Workers),
 		ahead:        newAheadGate(opts.Workers, opts.BatchSize),
 	}
+	e.setBudget(newByteBudget(int64(opts.MaxPendingBytes)))
 	if opts.BatchSize > 1 {
 		busy := func() int64 { return e.stats.inflight.Load() - e.parked.Load() }
 		e.batch = newBatcher(db, opts.BatchSize, opts.BatchLinger, busy, e.onFlush)
@@ -315,6 +348,13 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		e.members = newMembers(db, opts.Name, opts.Owner, opts.MemberLease, e.log)
 	}
 	return e, nil
+}
+
+// setBudget makes the engine count its documents' bytes in b. It is called
+// before Run.
+func (e *Engine) setBudget(b *byteBudget) {
+	e.budget = b
+	e.q.budget = b
 }
 
 // Idle reports whether the engine has nothing to do now: its start scan
@@ -407,6 +447,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	close(writersGone)
 	writer.Wait()
 	background.Wait()
+	e.q.dropHints()
 
 	saveCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
@@ -540,6 +581,9 @@ type Stats struct {
 	Queued           int64 // ids waiting for a worker now
 	Delayed          int64 // ids waiting for a timer (retries, wake-ups, claim expiries) now
 	Pending          int64 // changes received and not yet checkpointed now
+	Oversized        int64 // documents refused as larger than MaxDocBytes, neither held whole nor written
+	PendingBytes     int64 // document bytes held now: queued feed bodies and the documents runs hold
+	PendingBytesPeak int64 // the most PendingBytes ever was
 
 	CheckpointSaved time.Time // when the checkpoint was last written (zero: not yet)
 	FeedContact     time.Time // when the server last sent something on the feed, a heartbeat included (zero: not yet)
@@ -550,7 +594,7 @@ type counters struct {
 	claimsWon, claimsLost, claimsHeld, claimsTakenOver, claimsExpired         atomic.Int64
 	resultsDropped, retries, failed, invalid, skipped, transient              atomic.Int64
 	feedRequests, feedErrors, feedResets, checkpoints, resyncQueued, inflight atomic.Int64
-	batches, batchedWrites                                                    atomic.Int64
+	batches, batchedWrites, oversized                                         atomic.Int64
 	claimsRenewed, claimsReleased, claimsWaiting                              atomic.Int64
 }
 
@@ -567,7 +611,7 @@ func (e *Engine) Stats() Stats {
 		Skipped: c.skipped.Load(), Transient: c.transient.Load(), FeedRequests: c.feedRequests.Load(),
 		FeedErrors: c.feedErrors.Load(), FeedResets: c.feedResets.Load(),
 		CheckpointsSaved: c.checkpoints.Load(), ResyncQueued: c.resyncQueued.Load(),
-		Batches: c.batches.Load(), BatchedWrites: c.batchedWrites.Load(),
+		Batches: c.batches.Load(), BatchedWrites: c.batchedWrites.Load(), Oversized: c.oversized.Load(),
 		ClaimsRenewed: c.claimsRenewed.Load(), ClaimsReleased: c.claimsReleased.Load(),
 		ClaimsWaiting: c.claimsWaiting.Load(),
 		Inflight:      c.inflight.Load(), Queued: int64(e.q.len()),
@@ -576,6 +620,7 @@ func (e *Engine) Stats() Stats {
 		s.Members, s.Rebalances, s.SkippedOther = int64(m.seen()), m.rebalances.Load(), m.skipped.Load()
 	}
 	s.Pending = int64(e.tr.pending())
+	s.PendingBytes, s.PendingBytesPeak = e.budget.stats()
 	s.Delayed = int64(e.q.delayedLen())
 	if t := e.checkpointSaved.Load(); t != 0 {
 		s.CheckpointSaved = time.Unix(0, t)

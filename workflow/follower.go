@@ -206,7 +206,9 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		// merely answers sooner.
 		params["timeout"] = strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10)
 	}
-	rows := e.db.Changes(reqCtx, kivik.Params(params))
+	// The client's transport replaces bodies over MaxDocBytes by a marker
+	// while the response streams (see couch.WithBodyLimit).
+	rows := e.db.Changes(couch.WithBodyLimit(reqCtx, int64(e.opts.MaxDocBytes)), kivik.Params(params))
 	defer rows.Close()
 	// Range over Iterator rather than calling rows.ScanDoc: ScanDoc reads
 	// the iterator's state without its lock, which races with kivik
@@ -233,6 +235,27 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		var doc jsonDoc
 		if scanErr := ch.ScanDoc(&doc); scanErr != nil || len(doc) == 0 {
 			// No body: the worker reads the document itself.
+			e.q.add(ch.ID, nil, 0, tok)
+			continue
+		}
+		if size, ok := couch.TooLargeSize(doc); ok {
+			// Refused here, before any worker holds it. Its change is
+			// finished: this revision has nothing to do, and a newer
+			// one comes with its own row.
+			e.refuseOversized(ch.ID, revOf(ch.Changes), size)
+			e.tr.done([]token{tok})
+			continue
+		}
+		if len(doc) > e.opts.MaxDocBytes {
+			// A client without the limiting transport sent it whole: it
+			// is held already, but not kept.
+			e.refuseOversized(ch.ID, revOf(ch.Changes), int64(len(doc)))
+			e.tr.done([]token{tok})
+			continue
+		}
+		if !e.budget.tryHint(int64(len(doc))) {
+			// The hints' share of the budget is used up: queue the id
+			// alone, and the run reads the document within the budget.
 			e.q.add(ch.ID, nil, 0, tok)
 			continue
 		}
@@ -274,6 +297,28 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 // errStalled means a feed request was given up because the server sent
 // nothing, not even a heartbeat, for three heartbeats.
 var errStalled = errors.New("feed request stalled")
+
+// refuseOversized records a document over MaxDocBytes, which the engine
+// does not handle. Nothing is written to it: CouchDB has no partial update,
+// and recording the refusal on the document would mean reading it whole and
+// writing it back whole, the very cost refused. The document stays as it is
+// and is handled once an edit brings it under the limit.
+func (e *Engine) refuseOversized(id, rev string, size int64) {
+	e.stats.oversized.Add(1)
+	if size > 0 {
+		e.log.Warn("document too large; not handled", "id", id, "rev", rev, "bytes", size, "max_doc_bytes", e.opts.MaxDocBytes)
+		return
+	}
+	// Cut at the limit: the server did not say its size.
+	e.log.Warn("document too large; not handled", "id", id, "rev", rev, "max_doc_bytes", e.opts.MaxDocBytes)
+}
+
+func revOf(changes []string) string {
+	if len(changes) == 0 {
+		return ""
+	}
+	return changes[0]
+}
 
 // jsonDoc keeps the document bytes from the feed as they came.
 type jsonDoc []byte

@@ -76,13 +76,27 @@ func (e *Engine) process(ctx context.Context, w work) {
 // that generation.
 func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 	raw, read := w.hint, 0
+	// The run holds the document it works on in the byte budget: the
+	// hint's bytes, reserved by the feed, or what it reads.
+	held := &hold{b: e.budget, n: int64(len(w.hint))}
+	defer held.release()
 	for range maxRounds {
 		fromHint := raw != nil
 		if raw == nil {
+			// The size is known only once read: reserve the limit,
+			// keep what the document takes.
+			if err := held.acquire(ctx, int64(e.opts.MaxDocBytes)); err != nil {
+				return transient, 0
+			}
 			var err error
 			raw, err = e.read(ctx, w.id)
+			held.shrink(int64(len(raw)))
 			if couch.IsNotFound(err) {
 				return finished, 0 // deleted, or the database is gone
+			}
+			if tl, ok := couch.AsTooLarge(err); ok {
+				e.refuseOversized(w.id, tl.Rev, tl.Size)
+				return finished, revGeneration(tl.Rev)
 			}
 			if err != nil {
 				e.log.Debug("cannot read document", "id", w.id, "err", err)
@@ -99,8 +113,15 @@ func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 	return transient, 0
 }
 
+// read reads a document up to MaxDocBytes; a larger one is not read (the
+// error is a *couch.TooLargeError).
 func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
-	return readRaw(ctx, e.db, id)
+	raw, err := readRaw(couch.WithBodyLimit(ctx, int64(e.opts.MaxDocBytes)), e.db, id)
+	if err == nil && len(raw) > e.opts.MaxDocBytes {
+		// A client without the limiting transport read it whole.
+		return nil, &couch.TooLargeError{Size: int64(len(raw)), Limit: int64(e.opts.MaxDocBytes)}
+	}
+	return raw, err
 }
 
 // readRaw returns a document's JSON as the server sent it.
@@ -302,7 +323,9 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 		}
 		raw, err := e.read(ctx, doc.ID)
 		if err != nil {
-			if couch.IsNotFound(err) {
+			if _, tooLarge := couch.AsTooLarge(err); tooLarge || couch.IsNotFound(err) {
+				// Grown past the limit during the run: the next run
+				// refuses it.
 				return finished
 			}
 			continue

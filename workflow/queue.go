@@ -27,6 +27,11 @@ type queue struct {
 	delayed   delayHeap
 	scheduled map[string]time.Time
 	wake      chan struct{}
+
+	// budget holds the bytes of the hints (nil: not counted). A hint
+	// handed to add was reserved with budget.tryHint; the queue gives it
+	// back when it drops the hint, or passes it on with the work.
+	budget *byteBudget
 }
 
 type entry struct {
@@ -69,7 +74,10 @@ func (q *queue) add(id string, hint []byte, hintGen int, toks ...token) {
 		q.items[id] = e
 	}
 	if hint != nil && hintGen >= e.hintGen {
+		q.dropHint(e.hint)
 		e.hint, e.hintGen = hint, hintGen
+	} else {
+		q.dropHint(hint)
 	}
 	e.tokens = append(e.tokens, toks...)
 	if e.processing {
@@ -105,6 +113,9 @@ func (q *queue) get() (work, bool) {
 	e.queued = false
 	e.processing = true
 	w := work{id: id, hint: e.hint, tokens: e.tokens}
+	if q.budget != nil && e.hint != nil {
+		q.budget.hintTaken(int64(len(e.hint)))
+	}
 	e.hint, e.hintGen, e.tokens = nil, 0, nil
 	return w, true
 }
@@ -131,6 +142,7 @@ func (q *queue) done(id string, giveBack []token, covered int) []token {
 		}
 		e.tokens = keep
 		if e.hint != nil && e.hintGen <= covered {
+			q.dropHint(e.hint)
 			e.hint, e.hintGen = nil, 0
 		}
 		if len(e.tokens) == 0 && e.hint == nil {
@@ -152,6 +164,24 @@ func (q *queue) done(id string, giveBack []token, covered int) []token {
 		delete(q.items, id)
 	}
 	return finished
+}
+
+// dropHint gives a hint's bytes back; q.mu is held.
+func (q *queue) dropHint(hint []byte) {
+	if q.budget != nil && len(hint) > 0 {
+		q.budget.hintDropped(int64(len(hint)))
+	}
+}
+
+// dropHints drops every hint still queued, for an engine that stopped: its
+// queue goes away, the budget it shares with other engines stays.
+func (q *queue) dropHints() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, e := range q.items {
+		q.dropHint(e.hint)
+		e.hint, e.hintGen = nil, 0
+	}
 }
 
 // addAfter queues id after d. Only the earliest pending delay per id is kept:

@@ -129,6 +129,10 @@ type Supervisor struct {
 	scanErr  atomic.Pointer[error]
 
 	scans, started, stopped, maxRunning atomic.Int64
+	// budget is the byte budget (Options.MaxPendingBytes) all engines
+	// share: a burst of large documents across many databases is bounded
+	// once, not per database.
+	budget *byteBudget
 }
 
 // watchedDB is what the supervisor remembers of one database.
@@ -172,7 +176,12 @@ func NewSupervisor(client *kivik.Client, reg *Registry, opts SupervisorOptions) 
 	if err := opts.setDefaults(); err != nil {
 		return nil, fmt.Errorf("workflow supervisor options: %w", err)
 	}
+	// The engines' options as each engine will see them, for the shared
+	// budget's size; an error here is New's to report for each engine.
+	engineOpts := opts.Engine
+	_ = engineOpts.setDefaults()
 	return &Supervisor{
+		budget: newByteBudget(int64(engineOpts.MaxPendingBytes)),
 		client: client, reg: reg, opts: opts,
 		log:     opts.Engine.Logger.With("engine", opts.Engine.Name),
 		dbs:     map[string]*watchedDB{},
@@ -456,6 +465,7 @@ func (s *Supervisor) fill(ctx context.Context, engines *sync.WaitGroup) {
 			continue
 		}
 		eng.own = &ownWrites{}
+		eng.setBudget(s.budget)
 		ectx, cancel := context.WithCancel(ctx)
 		r := &runningDB{eng: eng, cancel: cancel, started: time.Now()}
 		s.running[name] = r
@@ -681,6 +691,8 @@ func (s *Supervisor) SupervisorStats() SupervisorStats {
 		addStats(&st.EngineSums, r.eng.Stats())
 	}
 	s.mu.Unlock()
+	// One budget for all: its gauge is not a sum.
+	st.EngineSums.PendingBytes, st.EngineSums.PendingBytesPeak = s.budget.stats()
 	if t := s.lastScan.Load(); t != 0 {
 		st.LastSweep = time.Unix(0, t)
 	}
@@ -730,6 +742,7 @@ func addStats(a *Stats, b Stats) {
 	a.Queued += b.Queued
 	a.Delayed += b.Delayed
 	a.Pending += b.Pending
+	a.Oversized += b.Oversized
 	if b.CheckpointSaved.After(a.CheckpointSaved) {
 		a.CheckpointSaved = b.CheckpointSaved
 	}

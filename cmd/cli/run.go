@@ -138,6 +138,8 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		FeedBatch:          e.FeedBatch,
 		FeedLinger:         e.FeedLinger,
 		MaxPending:         e.MaxPending,
+		MaxDocBytes:        e.MaxDocBytes,
+		MaxPendingBytes:    e.MaxPendingBytes,
 		CheckpointInterval: e.CheckpointInterval,
 		ResyncInterval:     e.ResyncInterval,
 		NoStartScan:        !e.FullResyncOnStart,

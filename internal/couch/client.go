@@ -64,7 +64,9 @@ func NewClient(opts Options) (*kivik.Client, error) {
 		DisableCompression: true,
 	}
 	kopts := []kivik.Option{
-		couchdb.OptionHTTPClient(&http.Client{Transport: activityTransport{transport}}),
+		// limitTransport enforces WithBodyLimit on the requests that ask;
+		// activityTransport notes every byte the server sends (heartbeats).
+		couchdb.OptionHTTPClient(&http.Client{Transport: activityTransport{&limitTransport{base: transport}}}),
 		couchdb.OptionNoRequestCompression(),
 	}
 	if opts.UserAgent != "" {

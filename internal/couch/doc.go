@@ -6,5 +6,8 @@
 // off (a gzipping server holds back streamed _changes feeds) and request bodies
 // are sent uncompressed (about twice the write rate on the test server).
 // Long requests are bounded by contexts, never by http.Client.Timeout, which
-// would cut a longpoll feed that is working as intended.
+// would cut a longpoll feed that is working as intended. A request may carry a
+// body limit in its context (WithBodyLimit): the transport then refuses a
+// document over it without reading it, and strips such documents from a
+// _changes response while it streams.
 package couch

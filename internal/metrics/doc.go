@@ -53,6 +53,8 @@
 //	docstate_delayed                       gauge      engine
 //	docstate_inflight                      gauge      engine
 //	docstate_pending_changes               gauge      engine
+//	docstate_oversized_docs_total          counter    engine
+//	docstate_pending_bytes                 gauge      engine
 //	docstate_checkpoint_age_seconds        gauge      engine (absent until the first checkpoint save)
 //	docstate_feed_contact_age_seconds      gauge      engine (absent until the feed first answered)
 //	docstate_ready                         gauge      engine (1 ready, 0 not)

@@ -345,6 +345,8 @@ var statDescs = []statDesc{
 	simple("docstate_queue_depth", "Document ids waiting for a worker now.", gauge, func(s *workflow.Stats) int64 { return s.Queued }),
 	simple("docstate_delayed", "Document ids waiting for a timer now (retries, wake-ups, claim expiries).", gauge, func(s *workflow.Stats) int64 { return s.Delayed }),
 	simple("docstate_inflight", "Handler runs in progress now.", gauge, func(s *workflow.Stats) int64 { return s.Inflight }),
+	simple("docstate_oversized_docs_total", "Documents refused as larger than engine.max_doc_bytes: not read whole, not written.", counter, func(s *workflow.Stats) int64 { return s.Oversized }),
+	simple("docstate_pending_bytes", "Document bytes held now: feed bodies queued and documents in progress (bounded by engine.max_pending_bytes).", gauge, func(s *workflow.Stats) int64 { return s.PendingBytes }),
 	simple("docstate_pending_changes", "Changes received and not yet passed by the checkpoint (the feed's lag in changes).", gauge, func(s *workflow.Stats) int64 { return s.Pending }),
 }
 

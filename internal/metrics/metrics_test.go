@@ -32,7 +32,7 @@ func fakeStats() workflow.Stats {
 		FeedErrors: 120, FeedResets: 121, CheckpointsSaved: 122, ResyncQueued: 123,
 		Inflight: 124, Queued: 125, Delayed: 126, Pending: 127,
 		ClaimsRenewed: 128, ClaimsReleased: 129, ClaimsWaiting: 130,
-		Members: 131, Rebalances: 132, SkippedOther: 133,
+		Members: 131, Rebalances: 132, SkippedOther: 133, Oversized: 134, PendingBytes: 135,
 		CheckpointSaved: clock.Add(-90 * time.Second),
 		FeedContact:     clock.Add(-2500 * time.Millisecond),
 	}
@@ -144,6 +144,8 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 		{"docstate_members", dto.MetricType_GAUGE, 131},
 		{"docstate_member_rebalances_total", dto.MetricType_COUNTER, 132},
 		{"docstate_skipped_other_member_total", dto.MetricType_COUNTER, 133},
+		{"docstate_oversized_docs_total", dto.MetricType_COUNTER, 134},
+		{"docstate_pending_bytes", dto.MetricType_GAUGE, 135},
 		{"docstate_checkpoint_age_seconds", dto.MetricType_GAUGE, 90},
 		{"docstate_feed_contact_age_seconds", dto.MetricType_GAUGE, 2.5},
 		{"docstate_ready", dto.MetricType_GAUGE, 1},
