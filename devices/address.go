@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -173,53 +174,47 @@ func (d *Devices) globalQuota(k int) int {
 // reserveGlobal counts one mail in a shard of the global budget that has
 // room, unless none has, and then says when the first will: when enough of
 // its oldest slots have aged out of the window.
+//
+// It reads one shard picked at random and writes it if it has room: two
+// requests, as for the address document, while the budget is far from
+// spent. Only when that shard is full are all shards read (one request),
+// to find one with room or else the earliest free slot.
 func (d *Devices) reserveGlobal(ctx context.Context, now time.Time) (bool, time.Time, error) {
-	window := d.opts.GlobalWindow
-	width := window / globalSlots
-	current := workflow.Stamp{Time: now.UTC().Truncate(width).Truncate(time.Millisecond)}
 	n := d.globalShardCount()
 	ids := make([]string, n)
 	for k := range ids {
 		ids[k] = GlobalDocID(k)
 	}
 	for range maxGlobalWriteTries {
-		docs, err := d.readGlobal(ctx, ids)
-		if err != nil {
-			return false, time.Time{}, err
+		k := rand.IntN(n)
+		doc := globalDoc{ID: ids[k], Type: AddressDocType}
+		err := d.opts.DB.Get(ctx, ids[k]).ScanDoc(&doc)
+		if err != nil && !couch.IsNotFound(err) {
+			return false, time.Time{}, fmt.Errorf("read global mail limit: %w", err)
 		}
-		var room []int
-		var next time.Time
-		for k := range docs {
-			doc := &docs[k]
-			// A slot counts while any of it is inside the window.
-			doc.Slots = slices.DeleteFunc(doc.Slots, func(s globalSlot) bool {
-				return s.Sends <= 0 || !s.Start.Add(width).After(now.Add(-window))
-			})
-			slices.SortFunc(doc.Slots, func(a, b globalSlot) int { return a.Start.Compare(b.Start.Time) })
-			total := 0
-			for _, s := range doc.Slots {
-				total += s.Sends
+		if _, full := d.shardUse(&doc, k, now); full {
+			docs, err := d.readGlobal(ctx, ids)
+			if err != nil {
+				return false, time.Time{}, err
 			}
-			quota := d.globalQuota(k)
-			if total < quota {
-				room = append(room, k)
-				continue
-			}
-			left := total
-			for _, s := range doc.Slots {
-				left -= s.Sends
-				if left < quota {
-					if free := s.Start.Add(width + window); next.IsZero() || free.Before(next) {
-						next = free
-					}
-					break
+			var room []int
+			var next time.Time
+			for j := range docs {
+				free, full := d.shardUse(&docs[j], j, now)
+				if !full {
+					room = append(room, j)
+				} else if next.IsZero() || free.Before(next) {
+					next = free
 				}
 			}
+			if len(room) == 0 {
+				return false, next, nil
+			}
+			k = room[rand.IntN(len(room))]
+			doc = docs[k]
 		}
-		if len(room) == 0 {
-			return false, next, nil
-		}
-		doc := docs[room[rand.IntN(len(room))]]
+		width := d.opts.GlobalWindow / globalSlots
+		current := workflow.Stamp{Time: now.UTC().Truncate(width).Truncate(time.Millisecond)}
 		if last := len(doc.Slots) - 1; last >= 0 && doc.Slots[last].Start.Equal(current.Time) {
 			doc.Slots[last].Sends++
 		} else {
@@ -231,14 +226,42 @@ func (d *Devices) reserveGlobal(ctx context.Context, now time.Time) (bool, time.
 		}
 		_, err = d.opts.DB.Put(ctx, doc.ID, json.RawMessage(body))
 		if couch.IsConflict(err) {
-			continue
+			continue // another send wrote that shard meanwhile: pick again
 		}
 		if err != nil {
 			return false, time.Time{}, fmt.Errorf("write global mail limit: %w", err)
 		}
 		return true, time.Time{}, nil
 	}
-	return false, time.Time{}, fmt.Errorf("global mail limit documents kept conflicting")
+	return false, time.Time{}, errors.New("global mail limit documents kept conflicting")
+}
+
+// shardUse drops the slots of shard doc (number k) that have left the
+// window, sorts the rest oldest first, and reports whether the shard's
+// quota is used up and, if so, when it frees a place again.
+func (d *Devices) shardUse(doc *globalDoc, k int, now time.Time) (free time.Time, full bool) {
+	window := d.opts.GlobalWindow
+	width := window / globalSlots
+	// A slot counts while any of it is inside the window.
+	doc.Slots = slices.DeleteFunc(doc.Slots, func(s globalSlot) bool {
+		return s.Sends <= 0 || !s.Start.Add(width).After(now.Add(-window))
+	})
+	slices.SortFunc(doc.Slots, func(a, b globalSlot) int { return a.Start.Compare(b.Start.Time) })
+	total := 0
+	for _, s := range doc.Slots {
+		total += s.Sends
+	}
+	quota := d.globalQuota(k)
+	if total < quota {
+		return time.Time{}, false
+	}
+	for _, s := range doc.Slots {
+		total -= s.Sends
+		if total < quota {
+			return s.Start.Add(width + window), true
+		}
+	}
+	return time.Time{}, true // not reached: total drops to 0 < quota
 }
 
 // readGlobal reads the shards in one request. A shard not written yet (or
