@@ -268,3 +268,63 @@ func TestRedactor(t *testing.T) {
 		t.Fatalf("owner@: %q", got)
 	}
 }
+
+// TestGlobalLimitExactOverShards: a budget of 20 is split over 16 shard
+// documents (quotas 2 and 1); 26 devices of 26 addresses, handled by two
+// daemons at once, get exactly 20 mails, and the other 6 wait with
+// send_delayed. Exact although sends race for the last shards with room.
+func TestGlobalLimitExactOverShards(t *testing.T) {
+	t.Parallel()
+	const budget, n = 20, 26
+	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	a := newFixture(t, mockMailer(t, mock), func(o *Options) { o.GlobalSends, o.GlobalWindow = budget, time.Hour })
+	b := a.twin(t, mockMailer(t, mock))
+	if got := a.devs.globalShardCount(); got != globalShards {
+		t.Fatalf("%d shards, want %d: the test would not exercise the split", got, globalShards)
+	}
+	var docs []any
+	for i := range n {
+		docs = append(docs, newDevice(t, fmt.Sprintf("dev-%02d", i), fmt.Sprintf("user%02d@example.test", i)).doc())
+	}
+	if _, err := a.db.BulkDocs(context.Background(), docs); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t, nil)
+	b.start(t, nil)
+	var confirming, delayed int
+	workflowtest.Eventually(t, 60*time.Second, "every device mailed or delayed", func() (bool, string) {
+		confirming, delayed = 0, 0
+		for i := range n {
+			d := get(t, a.db, fmt.Sprintf("dev-%02d", i))
+			switch {
+			case d["state"] == StateConfirming:
+				confirming++
+			case d[FieldSendDelayed] != nil:
+				delayed++
+			}
+		}
+		return confirming+delayed == n, fmt.Sprintf("%d confirming, %d delayed", confirming, delayed)
+	})
+	time.Sleep(500 * time.Millisecond) // a mail past the budget would arrive by now
+	if mails := len(mock.Received(t)); confirming != budget || delayed != n-budget || mails != budget {
+		t.Fatalf("%d confirming, %d delayed, %d mails; want %d, %d, %d", confirming, delayed, mails, budget, n-budget, budget)
+	}
+	used := 0
+	for k := range globalShards {
+		var doc globalDoc
+		if err := a.db.Get(context.Background(), GlobalDocID(k)).ScanDoc(&doc); err != nil {
+			t.Fatalf("shard %d: %v", k, err)
+		}
+		sum := 0
+		for _, s := range doc.Slots {
+			sum += s.Sends
+		}
+		if sum != a.devs.globalQuota(k) {
+			t.Errorf("shard %d counts %d, quota %d", k, sum, a.devs.globalQuota(k))
+		}
+		used += sum
+	}
+	if used != budget {
+		t.Fatalf("shards count %d mails, want %d", used, budget)
+	}
+}
