@@ -328,3 +328,33 @@ func TestGlobalLimitExactOverShards(t *testing.T) {
 		t.Fatalf("shards count %d mails, want %d", used, budget)
 	}
 }
+
+// TestAddressLimitSpendsNoGlobalBudget: the second device of an owner whose
+// address limit is used up waits with the address reason, and the global
+// budget counts only the one mail that went out.
+func TestAddressLimitSpendsNoGlobalBudget(t *testing.T) {
+	t.Parallel()
+	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.AddressSends, o.GlobalSends = 1, 1 })
+	f.start(t, nil)
+	registerAndMail(t, f, mock, newDevice(t, "dev-one", "same@example.test"))
+	put(t, f.db, newDevice(t, "dev-two", "same@example.test").doc())
+	var d map[string]any
+	workflowtest.Eventually(t, 10*time.Second, "second mail delayed", func() (bool, string) {
+		d = get(t, f.db, "dev-two")
+		return d[FieldSendDelayed] != nil, mustJSON(d)
+	})
+	if why := d[FieldSendDelayed].(string); d["state"] != StateNew || !strings.HasPrefix(why, "too many mails to this address recently") {
+		t.Fatalf("second device: %s", mustJSON(d))
+	}
+	var shard globalDoc
+	if err := f.db.Get(context.Background(), GlobalDocID(0)).ScanDoc(&shard); err != nil {
+		t.Fatal(err)
+	}
+	if len(shard.Slots) != 1 || shard.Slots[0].Sends != 1 {
+		t.Fatalf("global budget after one mail and one refused: %+v", shard.Slots)
+	}
+	if n := len(mock.Received(t)); n != 1 {
+		t.Fatalf("%d mails, want 1", n)
+	}
+}
