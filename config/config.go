@@ -89,6 +89,8 @@ type Devices struct {
 	MaxAttempts    int           `yaml:"max_attempts"`
 	AddressSends   int           `yaml:"address_sends"`
 	AddressWindow  time.Duration `yaml:"address_window"`
+	GlobalSends    int           `yaml:"global_sends"`
+	GlobalWindow   time.Duration `yaml:"global_window"`
 	MaxIterations  int           `yaml:"max_iterations"`
 	TemplatesDir   string        `yaml:"templates_dir"`
 	// Pairing is "control" (devices write into the control database) or
@@ -206,6 +208,8 @@ func Default() Config {
 			MaxAttempts:    5,
 			AddressSends:   5,
 			AddressWindow:  time.Hour,
+			GlobalSends:    600,
+			GlobalWindow:   time.Hour,
 			MaxIterations:  1000000,
 			Pairing:        "users",
 			HealInterval:   time.Minute,

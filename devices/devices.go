@@ -66,6 +66,13 @@ type Options struct {
 	// devices (defaults 5 per 1h).
 	AddressSends  int
 	AddressWindow time.Duration
+	// GlobalSends mails per GlobalWindow in all, to every address
+	// (defaults 600 per 1h). It bounds what strangers can make the daemon
+	// send to many addresses (AddressSends each) in all. Counted in
+	// documents in DB (GlobalDocID), so it holds over every daemon that
+	// shares the control database; they must agree on both values.
+	GlobalSends  int
+	GlobalWindow time.Duration
 	// MaxIterations bounds the PBKDF2 iteration count a device may ask
 	// for: the server pays it on every basic-auth request (default 1e6).
 	MaxIterations int
@@ -108,11 +115,15 @@ func New(opts Options) (*Devices, error) {
 	def(&opts.CodeTTL, 15*time.Minute)
 	def(&opts.ResendInterval, time.Minute)
 	def(&opts.AddressWindow, time.Hour)
+	def(&opts.GlobalWindow, time.Hour)
 	if opts.MaxAttempts == 0 {
 		opts.MaxAttempts = 5
 	}
 	if opts.AddressSends == 0 {
 		opts.AddressSends = 5
+	}
+	if opts.GlobalSends == 0 {
+		opts.GlobalSends = 600
 	}
 	if opts.MaxIterations == 0 {
 		opts.MaxIterations = 1_000_000
@@ -154,11 +165,11 @@ func New(opts Options) (*Devices, error) {
 			errs = append(errs, fmt.Errorf("base url %q must be an absolute http(s) URL without query, fragment or credentials", opts.BaseURL))
 		}
 	}
-	if opts.CodeTTL < time.Second || opts.ResendInterval < 0 || opts.AddressWindow < time.Second {
-		errs = append(errs, errors.New("code TTL and address window must be at least 1s, resend interval not negative"))
+	if opts.CodeTTL < time.Second || opts.ResendInterval < 0 || opts.AddressWindow < time.Second || opts.GlobalWindow < time.Second {
+		errs = append(errs, errors.New("code TTL, address window and global window must be at least 1s, resend interval not negative"))
 	}
-	if opts.MaxAttempts < 1 || opts.AddressSends < 1 || opts.MaxIterations < 1 || opts.MaxDocBytes < 1024 {
-		errs = append(errs, errors.New("max attempts, address sends and max iterations must be positive, max doc bytes at least 1024"))
+	if opts.MaxAttempts < 1 || opts.AddressSends < 1 || opts.GlobalSends < 1 || opts.MaxIterations < 1 || opts.MaxDocBytes < 1024 {
+		errs = append(errs, errors.New("max attempts, address sends, global sends and max iterations must be positive, max doc bytes at least 1024"))
 	}
 	if opts.Lease > 0 && opts.HandlerTimeout > 0 && opts.Lease <= opts.HandlerTimeout {
 		errs = append(errs, fmt.Errorf("lease %v must exceed handler timeout %v", opts.Lease, opts.HandlerTimeout))
@@ -187,11 +198,11 @@ func New(opts Options) (*Devices, error) {
 func (d *Devices) Register(reg *workflow.Registry) error {
 	specs := []workflow.Spec{
 		{Type: DocType, State: StateNew, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
-			Handler: d.publishing(d.handleNew)},
+			Handler: d.publishing(d.redacting(d.handleNew))},
 		{Type: DocType, State: StateConfirming, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
-			Handler: d.publishing(d.handleConfirming)},
+			Handler: d.publishing(d.redacting(d.handleConfirming))},
 		{Type: DocType, State: StateActive, Mode: workflow.Safe,
-			Handler: workflow.HandlerFunc(d.handleActive)},
+			Handler: d.redacting(d.handleActive)},
 	}
 	for _, s := range specs {
 		s.Timeout, s.Lease = d.opts.HandlerTimeout, d.opts.Lease

@@ -33,18 +33,19 @@
 //   - new: Unsafe handler, RetryExpired. Validates every field (a failure is
 //     terminal: state error, reason "invalid device document: …", no mail).
 //     Derives the code, link token and Message-ID from the claim (see
-//     below), reserves a slot in the owner's address limit, mails the code
-//     (text + HTML), records hashes and moves to confirming. SMTP 4xx and
-//     network errors retry with the engine's backoff; 5xx to MAIL/RCPT/DATA
-//     is terminal with the server's reply as reason. When the address limit
-//     is used up the mail waits (send_delayed, wake-up at the next slot).
+//     below), reserves a slot in the owner's address limit and in the
+//     global one, mails the code (text + HTML), records hashes and moves to
+//     confirming. SMTP 4xx and network errors retry with the engine's
+//     backoff; 5xx to MAIL/RCPT/DATA is terminal with the server's reply as
+//     reason (addresses scrubbed, see below). When either limit is used up
+//     the mail waits (send_delayed says which, wake-up at the next slot).
 //   - confirming: Unsafe handler, RetryExpired. Checks confirm_attempt or
 //     confirm_link against the stored HMACs in constant time; right → the
 //     _users entry is written and the device is active; wrong → counted in
 //     failed_attempts with last_attempt_error, and at MaxAttempts → locked.
 //     resend_requested → a new code unless the last mail went out less than
-//     ResendInterval ago or the address limit is used up (then
-//     resend_denied says why). Without a request the handler stays with a
+//     ResendInterval ago or a mail limit is used up (then resend_denied
+//     says why). Without a request the handler stays with a
 //     wake-up at code_expires, so the engine's timed scan moves the device
 //     to expired even if nothing else happens. It is Unsafe although it
 //     sends no mail in the common case because the claim serialises checks
@@ -112,6 +113,28 @@
 // updated with MVCC. A takeover resend with the same Message-ID is not
 // counted twice. Wrong attempts are counted over the whole registration and
 // a resend does not reset them.
+//
+// Global: at most GlobalSends mails per GlobalWindow in all, whatever the
+// addresses, so that strangers writing device documents cannot make the
+// daemon mail the world at AddressSends each. Counted in up to 16 shard
+// documents GlobalDocID(k) (type device-address) in the control database:
+// each shard holds a fixed share of GlobalSends as a 60-slot sliding window,
+// a send reads one shard at random and writes it with MVCC if it has room,
+// and reads all of them (one _all_docs) only when that one is full. The
+// total holds exactly over every daemon on the database, provided they are
+// configured alike. The address limit is checked first and charged only
+// after the global slot is taken, so neither limit spends the other.
+//
+// # No address in logs or reasons
+//
+// Every error the handlers return is scrubbed before the engine logs it and
+// records it in docstate.last_error or docstate.error.reason, and so is
+// every error and warning of SMTPMailer: the owner's address in any letter
+// case and its local part (3 characters or more, whole word) become
+// "<owner>", other address-shaped text "<address>"; the sender and
+// docstate's Message-IDs stay. go-mail's errors end in "affected
+// recipient(s): <address>" and relays echo addresses in their replies. The
+// error chain is kept (errors.As, workflow.IsTerminal).
 //
 // # CouchDB users and roles
 //

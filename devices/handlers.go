@@ -98,9 +98,10 @@ func (d *Devices) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.Re
 }
 
 // send derives a code for this claim, reserves a slot in the owner's
-// address limit, mails the code and returns the fields that record it. ok
-// Its changes go into c. A non-zero retryAt means the address limit says
-// to wait until then; nothing was sent.
+// address limit and in the global one, mails the code and returns the
+// fields that record it. Its changes go into c. A non-zero retryAt means a
+// limit says to wait until then; nothing was sent, and why is in
+// c[FieldSendDelayed].
 func (d *Devices) send(ctx context.Context, doc *workflow.Doc, req request, sends int, c *changes) (retryAt time.Time, err error) {
 	if doc.Claim == nil {
 		return time.Time{}, errors.New("devices: handler registered without a claim (must be Unsafe)")
@@ -114,13 +115,21 @@ func (d *Devices) send(ctx context.Context, doc *workflow.Doc, req request, send
 		owner: req.owner, salt: req.creds.Salt,
 	})
 	now := time.Now()
-	allowed, retryAt, err := d.reserve(ctx, req.owner, messageID, now)
+	allowed, retryAt, limit, err := d.reserve(ctx, req.owner, messageID, now)
 	if err != nil {
 		return time.Time{}, err
 	}
 	if !allowed {
-		c.Set(FieldSendDelayed, "too many mails to this address recently; next possible at "+
-			retryAt.UTC().Format(time.RFC3339))
+		next := retryAt.UTC().Format(time.RFC3339)
+		if limit == limitGlobal {
+			// Operators should hear of this: either a flood of sign-ups
+			// or someone making the daemon mail strangers.
+			d.log.Warn("global mail limit reached; confirmation mail delayed", "id", doc.ID,
+				"global_sends", d.opts.GlobalSends, "global_window", d.opts.GlobalWindow, "next", next)
+			c.Set(FieldSendDelayed, "too many confirmation mails recently, to all addresses; next possible at "+next)
+		} else {
+			c.Set(FieldSendDelayed, "too many mails to this address recently; next possible at "+next)
+		}
 		return retryAt, nil
 	}
 	expires := now.Add(d.opts.CodeTTL)
@@ -261,8 +270,11 @@ func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (work
 			}
 			if !retryAt.IsZero() {
 				// Refused rather than delayed: the device may ask again.
-				c.Set(FieldResendDenied, "resend refused: too many mails to this address recently; next possible at "+
-					retryAt.UTC().Format(time.RFC3339))
+				// send said why in send_delayed; a refused resend says it
+				// in resend_denied instead.
+				why, _ := c.set[FieldSendDelayed].(string)
+				delete(c.set, FieldSendDelayed)
+				c.Set(FieldResendDenied, "resend refused: "+why)
 			} else {
 				wake = time.Now().Add(d.opts.CodeTTL)
 			}

@@ -70,7 +70,7 @@ type SMTPConfig struct {
 	Timeout time.Duration
 	// Logger receives the warnings of sends that succeeded with a
 	// failure after the fact (see Send); default slog.Default(). Nothing
-	// secret and no address is logged.
+	// secret and no recipient address is logged.
 	Logger *slog.Logger
 }
 
@@ -177,8 +177,16 @@ func (s *SMTPMailer) Dial(ctx context.Context) error {
 }
 
 // Send delivers m to the SMTP server. See Mailer for the error contract and
-// classifySMTP for which failures are permanent.
+// classifySMTP for which failures are permanent. Neither the error nor the
+// log names the recipient: go-mail's error text lists the "affected
+// recipient(s)" and SMTP replies often echo the address, so both are
+// scrubbed (see redactor); the error chain is kept for errors.As.
 func (s *SMTPMailer) Send(ctx context.Context, m Message) error {
+	r := redactor{owner: m.To, keep: []string{m.From}}
+	return r.err(s.send(ctx, m, r))
+}
+
+func (s *SMTPMailer) send(ctx context.Context, m Message, r redactor) error {
 	msg := mail.NewMsg()
 	if err := msg.From(m.From); err != nil {
 		return workflow.Terminal(fmt.Errorf("from address: %w", err))
@@ -214,7 +222,7 @@ func (s *SMTPMailer) Send(ctx context.Context, m Message) error {
 		// nothing can unsend it: reporting a failure would make the engine
 		// retry and the recipient get the mail twice.
 		s.cfg.Logger.Warn("smtp: message accepted, but ending the session failed",
-			"message_id", m.MessageID, "response", msg.ServerResponse(), "err", err)
+			"message_id", m.MessageID, "response", r.text(msg.ServerResponse()), "err", r.err(err))
 		return nil
 	}
 	if err != nil {

@@ -120,6 +120,8 @@ func newDevices(env Env) (deviceSet, error) {
 		MaxAttempts:    cfg.Devices.MaxAttempts,
 		AddressSends:   cfg.Devices.AddressSends,
 		AddressWindow:  cfg.Devices.AddressWindow,
+		GlobalSends:    cfg.Devices.GlobalSends,
+		GlobalWindow:   cfg.Devices.GlobalWindow,
 		MaxIterations:  cfg.Devices.MaxIterations,
 		Templates:      tmpl,
 		Logger:         env.Logger,

@@ -17,6 +17,11 @@ type MockOptions struct {
 	// Reject550 lists recipients refused with "550 User not found"
 	// (permanent).
 	Reject550 []string
+	// Reject550Reply is the whole reply line to a Reject550 recipient's
+	// RCPT TO, code included; empty = "550 User not found". Real relays
+	// often echo the address ("550 5.1.1 <a@b>: Recipient address
+	// rejected"), which tests of what reaches logs need.
+	Reject550Reply string
 	// Reject421 lists recipients refused with "421 Service not available"
 	// (temporary).
 	Reject421 []string
@@ -36,13 +41,14 @@ type Mock struct {
 func StartMock(tb testing.TB, opts MockOptions) *Mock {
 	tb.Helper()
 	srv := smtpmock.New(smtpmock.ConfigurationAttr{
-		HostAddress:              "127.0.0.1",
-		MultipleRcptto:           true,
-		MultipleMessageReceiving: true,
-		NotRegisteredEmails:      opts.Reject550,
-		BlacklistedRcpttoEmails:  opts.Reject421,
-		SessionTimeout:           30,
-		PortNumber:               opts.Port,
+		HostAddress:                 "127.0.0.1",
+		MultipleRcptto:              true,
+		MultipleMessageReceiving:    true,
+		NotRegisteredEmails:         opts.Reject550,
+		MsgRcpttoNotRegisteredEmail: opts.Reject550Reply,
+		BlacklistedRcpttoEmails:     opts.Reject421,
+		SessionTimeout:              30,
+		PortNumber:                  opts.Port,
 	})
 	if err := srv.Start(); err != nil {
 		tb.Fatalf("mailtest: start mock SMTP server: %v", err)
