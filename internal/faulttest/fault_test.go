@@ -250,6 +250,8 @@ smtp:
 devices:
   enabled: true
   secret_file: %s
+  # The seeded devices write their documents into the control database.
+  pairing: control
 channels:
   enabled: true
   prefix: fault-
