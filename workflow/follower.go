@@ -127,6 +127,8 @@ func (e *Engine) poll(ctx context.Context, since string) (string, int, error) {
 		"timeout":      strconv.FormatInt(e.opts.FeedTimeout.Milliseconds(), 10),
 		"limit":        strconv.Itoa(e.opts.FeedBatch),
 		"include_docs": true,
+		// A stored conflict shows in the row's body, to be resolved.
+		"conflicts": true,
 	}))
 	defer rows.Close()
 	// Range over Iterator rather than calling rows.ScanDoc: ScanDoc reads

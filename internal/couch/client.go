@@ -64,7 +64,7 @@ func NewClient(opts Options) (*kivik.Client, error) {
 		DisableCompression: true,
 	}
 	kopts := []kivik.Option{
-		couchdb.OptionHTTPClient(&http.Client{Transport: transport}),
+		couchdb.OptionHTTPClient(&http.Client{Transport: statusTransport{transport}}),
 		couchdb.OptionNoRequestCompression(),
 	}
 	if opts.UserAgent != "" {
