@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -117,9 +118,11 @@ func (e *Engine) yield(ctx context.Context, doc *Doc, body map[string]json.RawMe
 	meta.Claim, meta.Yielded = nil, true
 	meta.Updated = stamp(time.Now())
 	meta.setDue()
-	// Due now: the resync scan brings the document back for resolution
-	// even if no feed row does.
-	meta.Due = stamp(time.Now())
+	// Due soon: the resync scan brings the document back for resolution
+	// even if no feed row does. The delay is random so that engines that
+	// both yielded on one race do not meet again on the next claim.
+	again := time.Duration(rand.Int64N(int64(2*time.Second))) + 250*time.Millisecond
+	meta.Due = stamp(time.Now().Add(again))
 	out := copyBody(body)
 	out["_rev"] = mustMarshal(rev)
 	out[metaField] = mustMarshal(meta)
@@ -130,7 +133,7 @@ func (e *Engine) yield(ctx context.Context, doc *Doc, body map[string]json.RawMe
 	}
 	e.log.Info("claim not certain (202 or a rival branch); not running", "id", doc.ID, "type", doc.Type,
 		"state", doc.State, "key", key, "read_err", readErr)
-	return proof{out: finishedAfter(time.Second)}
+	return proof{out: finishedAfter(again)}
 }
 
 // leaf is one live branch of a document.
@@ -168,33 +171,59 @@ func (e *Engine) withConflicts(ctx context.Context, doc *Doc) ([]leaf, error) {
 	rs := e.db.OpenRevs(ctx, doc.ID, doc.conflicts)
 	defer rs.Close()
 	for rs.Next() {
-		var row map[string]json.RawMessage
-		if err := rs.ScanDoc(&row); err != nil {
+		var raw json.RawMessage
+		if err := rs.ScanDoc(&raw); err != nil {
 			return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
 		}
-		raw := []byte(nil)
-		switch {
-		case row["ok"] != nil:
-			raw = row["ok"]
-		case row["_id"] != nil:
-			raw = mustMarshal(row)
-		default:
-			continue // "missing": removed since the winner was read
+		// kivik hands out each revision of a multipart answer (CouchDB)
+		// as one document, but a JSON answer (PouchDB Server) as one
+		// array of {"ok": doc} or {"missing": rev} rows.
+		var rows []map[string]json.RawMessage
+		if len(raw) > 0 && raw[0] == '[' {
+			if err := json.Unmarshal(raw, &rows); err != nil {
+				return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+			}
+		} else {
+			var row map[string]json.RawMessage
+			if err := json.Unmarshal(raw, &row); err != nil {
+				return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+			}
+			rows = append(rows, row)
 		}
-		var head struct {
-			Rev     string `json:"_rev"`
-			Deleted bool   `json:"_deleted"`
+		for _, row := range rows {
+			if l, ok := e.leafOf(row); ok {
+				out = append(out, l)
+			}
 		}
-		if json.Unmarshal(raw, &head) != nil || head.Deleted {
-			continue
-		}
-		d, _ := parseDoc(raw, e.hasType)
-		out = append(out, leaf{rev: head.Rev, doc: d})
 	}
 	if err := rs.Err(); err != nil {
 		return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
 	}
 	return out, nil
+}
+
+// leafOf returns the live branch in one open_revs row: {"ok": doc}, or
+// the document itself; {"missing": rev} (removed since the winner was
+// read) and tombstones are none.
+func (e *Engine) leafOf(row map[string]json.RawMessage) (leaf, bool) {
+	raw := json.RawMessage(nil)
+	switch {
+	case row["ok"] != nil:
+		raw = row["ok"]
+	case row["_id"] != nil:
+		raw = mustMarshal(row)
+	default:
+		return leaf{}, false
+	}
+	var head struct {
+		Rev     string `json:"_rev"`
+		Deleted bool   `json:"_deleted"`
+	}
+	if json.Unmarshal(raw, &head) != nil || head.Deleted || head.Rev == "" {
+		return leaf{}, false
+	}
+	d, _ := parseDoc(raw, e.hasType)
+	return leaf{rev: head.Rev, doc: d}, true
 }
 
 // rivals reports whether a live branch other than rev exists.
@@ -230,6 +259,7 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome,
 		// branch now could hide it from a proof (rule 3). Its result or
 		// yield brings the document back; the lease is the fallback.
 		e.stats.conflictsWaiting.Add(1)
+		e.log.Debug("conflicted document has a live claim on a branch; resolving later", "id", doc.ID, "until", live)
 		return finishedAfter(live.Sub(now) + time.Second), false
 	}
 	keep := survivor(leaves)
