@@ -155,8 +155,8 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 			t.Errorf("claims_total{result=%q} = %v, want %v", result, got, want)
 		}
 	}
-	if n := len(fams["docstate_claims_total"].GetMetric()); n != 5 {
-		t.Errorf("claims_total has %d series, want 5", n)
+	if n := len(fams["docstate_claims_total"].GetMetric()); n != 8 {
+		t.Errorf("claims_total has %d series, want 8", n)
 	}
 	// Runs and RunErrors are not exported twice.
 	for name := range fams {
@@ -310,6 +310,7 @@ func TestLabelsBounded(t *testing.T) {
 		"mode":   {"safe": true, "unsafe": true},
 		"result": {"ok": true, "error": true, "terminal": true, "panic": true, "timeout": true,
 			"won": true, "lost": true, "held": true, "takeover": true, "expired": true,
+			"unproven": true, "proven": true, "yielded": true,
 			"temporary": true, "permanent": true, "other": true},
 		"version":   {"v1.2.3": true},
 		"goversion": {runtime.Version(): true},
