@@ -181,3 +181,56 @@ func conflicted(t testing.TB, db *kivik.DB) int {
 	}
 	return n
 }
+
+// TestStoredConflictResolvedAndCountsNeverGoDown gives the engine a
+// document with a stored conflict: the branch CouchDB may show holds less
+// bookkeeping than the other, which holds an expired claim of a crashed
+// owner after two failed attempts. The engine must remove the losing
+// branch, keep the larger counts and the expired claim's key, and apply the
+// expiry policy to it (a takeover), whichever branch CouchDB picked.
+func TestStoredConflictResolvedAndCountsNeverGoDown(t *testing.T) {
+	ctx := context.Background()
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	rev1, err := db.Put(ctx, "x", map[string]any{"type": "mail", "state": "new"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Put(ctx, "x", map[string]any{"_rev": rev1, "type": "mail", "state": "new",
+		"docstate": map[string]any{"state": "new", "claims": 1}}); err != nil {
+		t.Fatal(err)
+	}
+	past := time.Now().Add(-time.Minute).UTC().Format("2006-01-02T15:04:05.000Z")
+	branch := map[string]any{"_id": "x", "_rev": "2-ffffffffffffffffffffffffffffffff", "type": "mail", "state": "new",
+		"_revisions": map[string]any{"start": 2, "ids": []string{"ffffffffffffffffffffffffffffffff", rev1[2:]}},
+		"docstate": map[string]any{"state": "new", "claims": 3, "attempts": 2, "key": "x/new/1", "due": past,
+			"claim": map[string]any{"owner": "gone", "expires": past, "attempt": 3, "key": "x/new/1"}}}
+	if _, err := db.BulkDocs(ctx, []any{branch}, kivik.Param("new_edits", false)); err != nil {
+		t.Fatal(err)
+	}
+	if conflicted(t, db) != 1 {
+		t.Fatal("the test server did not store the conflict")
+	}
+	var seen atomic.Value
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "mail", State: "new", Mode: workflow.Unsafe, MaxAttempts: 10,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			seen.Store(fmt.Sprintf("attempt %d, claim %d, key %s", doc.Attempt, doc.Claim.Attempt, doc.Claim.Key))
+			return workflow.Transition("sent"), nil
+		})})
+	eng := workflowtest.Start(t, db, reg, workflowtest.Options(t))
+	workflowtest.Eventually(t, 30*time.Second, "sent", func() (bool, string) {
+		d := get(t, db, "x")
+		return d.State == "sent", fmt.Sprint(d.State)
+	})
+	if c := conflicted(t, db); c != 0 {
+		t.Fatalf("%d documents still conflicted", c)
+	}
+	// Two failed attempts and the expired claim's (the takeover's) make
+	// three before this run; claims 3 before, so this claim is the 4th.
+	if got, want := seen.Load(), "attempt 4, claim 4, key x/new/1"; got != want {
+		t.Fatalf("handler saw %v, want %s", got, want)
+	}
+	if s := eng.Stats(); s.BranchesRemoved != 1 || s.ClaimsTakenOver != 1 {
+		t.Fatalf("branches removed %d, takeovers %d; want 1 and 1", s.BranchesRemoved, s.ClaimsTakenOver)
+	}
+}
