@@ -234,3 +234,29 @@ func TestStoredConflictResolvedAndCountsNeverGoDown(t *testing.T) {
 		t.Fatalf("branches removed %d, takeovers %d; want 1 and 1", s.BranchesRemoved, s.ClaimsTakenOver)
 	}
 }
+
+// TestSingleServerClaimsNeedNoProof checks the cost promise: the test
+// server answers every write 201, so no claim needs a proof, with group
+// commit on or off.
+func TestSingleServerClaimsNeedNoProof(t *testing.T) {
+	for _, batch := range []int{0, 1} {
+		db := couchtest.NewDB(t, couchtest.Client(t))
+		reg := workflow.NewRegistry()
+		reg.MustRegister(workflow.Spec{Type: "mail", State: "new", Mode: workflow.Unsafe,
+			Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+				return workflow.Transition("sent"), nil
+			})})
+		const n = 50
+		putDocs(t, db, "mail", n, "mail", "new", nil)
+		opts := workflowtest.Options(t)
+		opts.BatchSize = batch
+		eng := workflowtest.Start(t, db, reg, opts)
+		workflowtest.Eventually(t, 30*time.Second, "all sent", func() (bool, string) {
+			st := states(t, db)
+			return st["sent"] == n, fmt.Sprint(st)
+		})
+		if s := eng.Stats(); s.ClaimsWon != n || s.ClaimsUnproven != 0 {
+			t.Fatalf("batch size %d: claims won %d, unproven %d; want %d and 0", batch, s.ClaimsWon, s.ClaimsUnproven, n)
+		}
+	}
+}
