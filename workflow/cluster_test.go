@@ -86,7 +86,6 @@ func TestClusterRacingEnginesNeverBothRunAClaim(t *testing.T) {
 				})})
 			const n = 100
 			db := admin.DB(name)
-			ids := putDocs(t, db, "mail", n, "mail", "new", nil)
 			var engines []*workflowtest.Running
 			for i, owner := range []string{"engine-a", "engine-b"} {
 				opts := workflowtest.Options(t)
@@ -94,6 +93,17 @@ func TestClusterRacingEnginesNeverBothRunAClaim(t *testing.T) {
 				opts.BatchSize = tc.batch
 				engines = append(engines, workflowtest.Start(t, front.Client(t, i).DB(name), reg, opts))
 			}
+			// The documents arrive once both feeds are listening, so that
+			// both engines see every one at once and race for it. A quiet
+			// database's longpoll never answers on the test server, so a
+			// foreign document shows that both feeds are up.
+			if _, err := db.Put(context.Background(), "warm-up", map[string]any{"note": "not a workflow document"}); err != nil {
+				t.Fatal(err)
+			}
+			workflowtest.Eventually(t, 30*time.Second, "both feeds up", func() (bool, string) {
+				return engines[0].Stats().ChangesReceived > 0 && engines[1].Stats().ChangesReceived > 0, "waiting"
+			})
+			ids := putDocs(t, db, "mail", n, "mail", "new", nil)
 			workflowtest.Eventually(t, 90*time.Second, "all sent, no conflicts left", func() (bool, string) {
 				st := states(t, db)
 				c := conflicted(t, db)
