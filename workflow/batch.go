@@ -3,6 +3,7 @@ package workflow
 import (
 	"context"
 	"errors"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,6 +60,8 @@ type writeReq struct {
 type writeResp struct {
 	rev string
 	err error
+	// status is the HTTP status of the request that carried the write.
+	status int
 }
 
 func newBatcher(db *kivik.DB, size int, linger time.Duration, busy func() int64, onFlush func(FlushInfo)) *batcher {
@@ -81,6 +84,7 @@ func (b *batcher) put(ctx context.Context, id string, body any) (string, error) 
 		return "", ctx.Err()
 	}
 	resp := <-r.done
+	couch.StatusFrom(ctx).Observe(resp.status)
 	return resp.rev, resp.err
 }
 
@@ -155,7 +159,13 @@ func (b *batcher) flush(ctx context.Context, batch []*writeReq) {
 		docs[i] = r.body
 	}
 	info := FlushInfo{Docs: len(batch)}
-	results, err := b.db.BulkDocs(ctx, docs)
+	// A 202 answers the whole request: rows carry no status of their own.
+	sctx, st := couch.RecordStatus(ctx)
+	results, err := b.db.BulkDocs(sctx, docs)
+	status := http.StatusCreated
+	if !st.Certain() {
+		status = http.StatusAccepted
+	}
 	if err != nil {
 		info.Err = err
 		if couch.IsTransient(err) || isCtxErr(err) {
@@ -184,7 +194,7 @@ func (b *batcher) flush(ctx context.Context, batch []*writeReq) {
 			res, ok := rows[r.id]
 			switch {
 			case ok && res.Error == nil && res.Rev != "":
-				r.done <- writeResp{rev: res.Rev}
+				r.done <- writeResp{rev: res.Rev, status: status}
 			case ok && couch.IsConflict(res.Error):
 				info.Conflicts++
 				r.done <- writeResp{err: res.Error}
@@ -207,11 +217,16 @@ func (b *batcher) flush(ctx context.Context, batch []*writeReq) {
 
 // putAlone writes one document of a batch with a single PUT.
 func (b *batcher) putAlone(ctx context.Context, r *writeReq, info *FlushInfo) {
-	rev, err := b.db.Put(ctx, r.id, r.body)
+	sctx, st := couch.RecordStatus(ctx)
+	rev, err := b.db.Put(sctx, r.id, r.body)
 	if couch.IsConflict(err) {
 		info.Conflicts++
 	}
-	r.done <- writeResp{rev: rev, err: err}
+	status := http.StatusCreated
+	if !st.Certain() {
+		status = http.StatusAccepted
+	}
+	r.done <- writeResp{rev: rev, err: err, status: status}
 }
 
 func isCtxErr(err error) bool {

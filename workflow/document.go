@@ -137,6 +137,10 @@ type Meta struct {
 	// no result written yet: set with the first claim, kept through failed
 	// runs and takeovers (see Claim.Key), cleared with the result.
 	Key string `json:"key,omitempty"`
+	// Yielded marks a branch of a conflicted document whose claim was not
+	// certain and did not run (see prove.go): when the conflict is
+	// resolved it never outranks a branch that holds a result.
+	Yielded bool `json:"yielded,omitempty"`
 }
 
 // forState returns the meta that applies to state: stale fields are dropped.
@@ -187,6 +191,11 @@ type Doc struct {
 	db     *kivik.DB
 	// claimedGen is the revision generation this run's claim wrote.
 	claimedGen int
+	// conflicts are the document's conflicting revisions, as read.
+	conflicts []string
+	// writeCertain is set by the engine's last write of the document when
+	// the server answered 201 Created, not 202 Accepted.
+	writeCertain bool
 }
 
 // DB returns the database the document was read from: in many-database
@@ -270,6 +279,12 @@ func parseDoc(raw []byte, hasType func(string) bool) (*Doc, error) {
 		return nil, fmt.Errorf("%w: no _id", errNotOurs)
 	}
 	_ = unmarshalString(fields["_rev"], &d.Rev)
+	if c, ok := fields["_conflicts"]; ok {
+		// Read with conflicts=true; the list is not part of the document
+		// and must not be written back with it.
+		_ = json.Unmarshal(c, &d.conflicts)
+		delete(fields, "_conflicts")
+	}
 	if strings.HasPrefix(d.ID, "_design/") || strings.HasPrefix(d.ID, "_local/") {
 		return nil, fmt.Errorf("%w: design or local document", errNotOurs)
 	}

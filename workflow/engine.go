@@ -565,6 +565,12 @@ type Stats struct {
 	SkippedOther     int64 // queued ids passed over unread as another member's
 	ClaimsExpired    int64 // expired claims sent to the error state (FailExpired)
 	ResultsDropped   int64 // unsafe results not written because the claim was lost meanwhile
+	ClaimsUnproven   int64 // claim writes not answered 201 (202 Accepted on a cluster), proved before running
+	ClaimsProven     int64 // of them, proved and run
+	ClaimsYielded    int64 // of them, given up without running (a rival branch, or no quorum)
+	BranchesRemoved  int64 // losing branches of conflicted documents removed
+	ConflictsWaiting int64 // conflicted documents left for later because a branch held a live claim
+	SeqRewinds       int64 // feed answers whose sequence went back (a cluster node lost); replayed
 	RetriesScheduled int64 // failed runs recorded with a backoff
 	Failed           int64 // documents moved to an error state
 	Invalid          int64 // documents of a handled type recorded as invalid
@@ -596,6 +602,8 @@ type counters struct {
 	feedRequests, feedErrors, feedResets, checkpoints, resyncQueued, inflight atomic.Int64
 	batches, batchedWrites, oversized                                         atomic.Int64
 	claimsRenewed, claimsReleased, claimsWaiting                              atomic.Int64
+	claimsUnproven, claimsProven, claimsYielded                               atomic.Int64
+	conflictsResolved, conflictsWaiting, seqRewinds                           atomic.Int64
 }
 
 // Stats returns the counters now.
@@ -613,8 +621,10 @@ func (e *Engine) Stats() Stats {
 		CheckpointsSaved: c.checkpoints.Load(), ResyncQueued: c.resyncQueued.Load(),
 		Batches: c.batches.Load(), BatchedWrites: c.batchedWrites.Load(), Oversized: c.oversized.Load(),
 		ClaimsRenewed: c.claimsRenewed.Load(), ClaimsReleased: c.claimsReleased.Load(),
-		ClaimsWaiting: c.claimsWaiting.Load(),
-		Inflight:      c.inflight.Load(), Queued: int64(e.q.len()),
+		ClaimsWaiting:  c.claimsWaiting.Load(),
+		ClaimsUnproven: c.claimsUnproven.Load(), ClaimsProven: c.claimsProven.Load(), ClaimsYielded: c.claimsYielded.Load(),
+		BranchesRemoved: c.conflictsResolved.Load(), ConflictsWaiting: c.conflictsWaiting.Load(), SeqRewinds: c.seqRewinds.Load(),
+		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
 	}
 	if m := e.members; m != nil {
 		s.Members, s.Rebalances, s.SkippedOther = int64(m.seen()), m.rebalances.Load(), m.skipped.Load()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -197,6 +198,8 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		"since":        since,
 		"limit":        strconv.Itoa(e.opts.FeedBatch),
 		"include_docs": true,
+		// A stored conflict shows in the row's body, to be resolved.
+		"conflicts": true,
 	}
 	if longpoll {
 		params["feed"] = "longpoll"
@@ -223,6 +226,15 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		}
 		ans.rows++
 		e.stats.changes.Add(1)
+		if ans.rows == 1 && seqRewound(since, ch.Seq) {
+			// A cluster node was lost and its replacement's shard copy
+			// is behind (apache/couchdb#3788): the feed replays changes
+			// already seen. Workers re-read each document and decide from
+			// its current state, so a replay does nothing twice; the
+			// checkpoint follows the feed, as CouchDB asks.
+			e.stats.seqRewinds.Add(1)
+			e.log.Warn("changes feed went back; replaying", "since", since, "first", ch.Seq)
+		}
 		tok := e.tr.add(ch.Seq)
 		ans.next = ch.Seq
 		if ch.Deleted {
@@ -318,6 +330,23 @@ func revOf(changes []string) string {
 		return ""
 	}
 	return changes[0]
+}
+
+// seqRewound reports whether seq, the first row after since, lies before
+// it. CouchDB 3 sequences are opaque strings ("123-g1AAAA…") whose numeric
+// prefix is a sum over shards, which grows except when a shard copy is
+// lost; PouchDB Server's are plain numbers. Anything else is never called
+// a rewind.
+func seqRewound(since, seq string) bool {
+	a, okA := seqNumber(since)
+	b, okB := seqNumber(seq)
+	return okA && okB && b < a
+}
+
+func seqNumber(seq string) (int64, bool) {
+	n, _, _ := strings.Cut(seq, "-")
+	v, err := strconv.ParseInt(n, 10, 64)
+	return v, err == nil
 }
 
 // jsonDoc keeps the document bytes from the feed as they came.

@@ -127,7 +127,9 @@ func (e *Engine) read(ctx context.Context, id string) ([]byte, error) {
 // readRaw returns a document's JSON as the server sent it.
 func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
 	var raw jsonDoc
-	if err := db.Get(ctx, id).ScanDoc(&raw); err != nil {
+	// conflicts=true costs nothing and shows a stored conflict, which the
+	// engine resolves before acting on the document (prove.go).
+	if err := db.Get(ctx, id, kivik.Param("conflicts", true)).ScanDoc(&raw); err != nil {
 		return nil, err
 	}
 	return raw, nil
@@ -153,6 +155,9 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 	case err != nil:
 		e.stats.skipped.Add(1)
 		return finished, false
+	}
+	if len(doc.conflicts) > 0 {
+		return e.resolve(ctx, doc, fromHint)
 	}
 	spec, ok := e.specs[key{doc.Type, doc.State}]
 	if !ok {
@@ -264,6 +269,11 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 			return e.fail(ctx, doc, spec, meta, fmt.Sprintf("claim write rejected: %v", err), meta.Attempts+1)
 		})
 	}
+	p := e.proveClaim(ctx, doc, body, rev) // a 202 is not a win on a cluster
+	if !p.won {
+		return p.out, p.conflict
+	}
+	rev = p.rev
 	if claim.Takeover {
 		e.stats.claimsTakenOver.Add(1)
 		e.log.Warn("took over expired claim", "id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key)
@@ -594,11 +604,14 @@ func (e *Engine) commit(ctx context.Context, doc *Doc, state string, set map[str
 	} else {
 		meta.State = state
 	}
+	meta.Yielded = false
 	body, err := build(doc.fields, state, set, unset, &meta)
 	if err != nil {
 		return nil, "", err
 	}
-	rev, err := e.put(ctx, doc.ID, body)
+	sctx, st := couch.RecordStatus(ctx)
+	rev, err := e.put(sctx, doc.ID, body)
+	doc.writeCertain = st.Certain()
 	return body, rev, err
 }
 

@@ -723,6 +723,12 @@ func addStats(a *Stats, b Stats) {
 	a.ClaimsTakenOver += b.ClaimsTakenOver
 	a.ClaimsExpired += b.ClaimsExpired
 	a.ResultsDropped += b.ResultsDropped
+	a.ClaimsUnproven += b.ClaimsUnproven
+	a.ClaimsProven += b.ClaimsProven
+	a.ClaimsYielded += b.ClaimsYielded
+	a.BranchesRemoved += b.BranchesRemoved
+	a.ConflictsWaiting += b.ConflictsWaiting
+	a.SeqRewinds += b.SeqRewinds
 	a.RetriesScheduled += b.RetriesScheduled
 	a.Failed += b.Failed
 	a.Invalid += b.Invalid

@@ -65,8 +65,10 @@ func NewClient(opts Options) (*kivik.Client, error) {
 	}
 	kopts := []kivik.Option{
 		// limitTransport enforces WithBodyLimit on the requests that ask;
-		// activityTransport notes every byte the server sends (heartbeats).
-		couchdb.OptionHTTPClient(&http.Client{Transport: activityTransport{&limitTransport{base: transport}}}),
+		// activityTransport notes every byte the server sends (heartbeats);
+		// statusTransport records whether a write was 201 or 202 (cluster
+		// claims, see workflow/prove.go).
+		couchdb.OptionHTTPClient(&http.Client{Transport: statusTransport{activityTransport{&limitTransport{base: transport}}}}),
 		couchdb.OptionNoRequestCompression(),
 	}
 	if opts.UserAgent != "" {

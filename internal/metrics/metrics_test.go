@@ -163,8 +163,8 @@ func TestStatsExportedAsCountersAndGauges(t *testing.T) {
 			t.Errorf("claims_total{result=%q} = %v, want %v", result, got, want)
 		}
 	}
-	if n := len(fams["docstate_claims_total"].GetMetric()); n != 7 {
-		t.Errorf("claims_total has %d series, want 7", n)
+	if n := len(fams["docstate_claims_total"].GetMetric()); n != 10 {
+		t.Errorf("claims_total has %d series, want 10", n)
 	}
 	// Runs and RunErrors are not exported twice.
 	for name := range fams {
@@ -320,6 +320,7 @@ func TestLabelsBounded(t *testing.T) {
 		"mode":   {"safe": true, "unsafe": true},
 		"result": {"ok": true, "error": true, "terminal": true, "panic": true, "timeout": true,
 			"won": true, "lost": true, "held": true, "takeover": true, "expired": true, "renewed": true, "released": true,
+			"unproven": true, "proven": true, "yielded": true,
 			"temporary": true, "permanent": true, "other": true, "failed": true},
 		"set":       {"devices": true},
 		"version":   {"v1.2.3": true},
