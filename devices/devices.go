@@ -200,7 +200,9 @@ func (d *Devices) Register(reg *workflow.Registry) error {
 		{Type: DocType, State: StateNew, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
 			Handler: d.publishing(d.redacting(d.handleNew))},
 		{Type: DocType, State: StateConfirming, Mode: workflow.Unsafe, OnExpired: workflow.RetryExpired,
-			Handler: d.publishing(d.redacting(d.handleConfirming))},
+			Handler: d.publishing(d.redacting(d.handleConfirming)),
+			// A side branch with fewer wrong codes must not win them back.
+			MaxFields: []string{FieldFailedAttempts, FieldSends}},
 		{Type: DocType, State: StateActive, Mode: workflow.Safe,
 			Handler: d.redacting(d.handleActive)},
 	}

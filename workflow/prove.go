@@ -267,10 +267,11 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome,
 	if len(leaves) == 1 {
 		return outcome{}, true // resolved meanwhile
 	}
-	if changed {
+	set := e.maxFields(leaves, keep)
+	if changed || len(set) > 0 {
 		sdoc := leaves[keep].doc
 		sdoc.db = e.db
-		if _, _, err := e.commit(ctx, sdoc, "", nil, nil, merged); err != nil {
+		if _, _, err := e.commit(ctx, sdoc, "", set, nil, merged); err != nil {
 			return e.settle(err, &e.stats.conflicts, func() outcome { return transient }, func(error) (outcome, bool) { return transient, false })
 		}
 	}
@@ -394,4 +395,43 @@ func mustMarshal(v any) json.RawMessage {
 		panic(fmt.Sprintf("workflow: %v", err)) // strings and plain maps only
 	}
 	return b
+}
+
+// maxFields returns, for the kept branch's spec, each MaxFields counter
+// whose highest number over all branches is above the kept branch's, so
+// that removing a branch never lowers a handler's count.
+func (e *Engine) maxFields(leaves []leaf, keep int) map[string]json.RawMessage {
+	k := leaves[keep].doc
+	if k == nil {
+		return nil
+	}
+	spec, ok := e.specs[key{k.Type, k.State}]
+	if !ok || len(spec.MaxFields) == 0 {
+		return nil
+	}
+	num := func(d *Doc, f string) (float64, bool) {
+		var v float64
+		if d == nil {
+			return 0, false
+		}
+		ok, err := d.Field(f, &v)
+		return v, ok && err == nil
+	}
+	var set map[string]json.RawMessage
+	for _, f := range spec.MaxFields {
+		cur, _ := num(k, f)
+		best := cur
+		for i, l := range leaves {
+			if v, ok := num(l.doc, f); i != keep && ok && v > best {
+				best = v
+			}
+		}
+		if best > cur {
+			if set == nil {
+				set = map[string]json.RawMessage{}
+			}
+			set[f], _ = json.Marshal(best)
+		}
+	}
+	return set
 }

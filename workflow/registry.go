@@ -98,6 +98,12 @@ type Spec struct {
 	OnExpired ExpiryPolicy
 	// ErrorState is the state a failed document moves to (default "error").
 	ErrorState string
+	// MaxFields are counters the handler keeps in the document's own
+	// fields (wrong codes, mails sent) that must never go down. When the
+	// engine resolves a stored conflict (a cluster, or a replicated side
+	// branch) it keeps one branch; these fields take their highest number
+	// over all branches, as the engine's own attempt counts do.
+	MaxFields []string
 }
 
 // DefaultErrorState is where failed documents go unless a Spec says otherwise.
