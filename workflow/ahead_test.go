@@ -127,3 +127,48 @@ func TestUnsafeClaimsBatchWithOneSlot(t *testing.T) {
 		t.Fatalf("%d runs, want %d", runs.total(), n)
 	}
 }
+
+// FailExpired handlers are not claimed ahead: a crash must not strand a
+// claim whose handler never started, since its expiry sends the document
+// to the error state. With the only slot busy, the next document waits
+// unclaimed.
+func TestFailExpiredHandlersAreNotClaimedAhead(t *testing.T) {
+	db := couchtest.NewDB(t, couchtest.Client(t))
+	ctx := context.Background()
+	hold := make(chan struct{})
+	entered := make(chan string, 4)
+	reg := workflow.NewRegistry()
+	reg.MustRegister(workflow.Spec{Type: "pay", State: "new", Mode: workflow.Unsafe, OnExpired: workflow.FailExpired,
+		Handler: workflow.HandlerFunc(func(ctx context.Context, doc *workflow.Doc) (workflow.Result, error) {
+			entered <- doc.ID
+			if doc.ID == "a" {
+				select {
+				case <-hold:
+				case <-ctx.Done():
+					return workflow.Result{}, ctx.Err()
+				}
+			}
+			return workflow.Transition("paid"), nil
+		})})
+	if _, err := db.Put(ctx, "a", map[string]any{"type": "pay", "state": "new"}); err != nil {
+		t.Fatal(err)
+	}
+	opts := workflowtest.Options(t)
+	opts.Workers = 1
+	eng := workflowtest.Start(t, db, reg, opts)
+	<-entered
+	if _, err := db.Put(ctx, "b", map[string]any{"type": "pay", "state": "new"}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if d := get(t, db, "b"); d.Meta != nil && d.Meta.Claim != nil {
+		t.Fatalf("b claimed while the only slot was busy: %s", mustJSON(d.Fields))
+	}
+	if eng.Stats().ClaimsWaiting != 0 {
+		t.Fatalf("%d claims waiting, want 0", eng.Stats().ClaimsWaiting)
+	}
+	close(hold)
+	workflowtest.Eventually(t, 10*time.Second, "both paid", func() (bool, string) {
+		return get(t, db, "a").State == "paid" && get(t, db, "b").State == "paid", ""
+	})
+}

@@ -250,11 +250,21 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	meta.RetryAt = nil
 	// The claim is written before the handler's slot is free (see
 	// ahead.go), so claims share group commits at any concurrency; the
-	// gate bounds how many wait for a slot.
-	if err := e.ahead.enter(ctx, e, spec.Lease); err != nil {
+	// gate bounds how many wait for a slot. Not for FailExpired: a claim
+	// stranded by a crash before its handler started would send a
+	// document that never ran to the error state, so those take their slot
+	// first, and a crash strands at most Workers of them.
+	var release func()
+	if spec.OnExpired == FailExpired {
+		var err error
+		if release, err = e.acquireSlot(ctx); err != nil {
+			return transient, false
+		}
+		defer release()
+	} else if err := e.ahead.enter(ctx, e, spec.Lease); err != nil {
 		return transient, false
 	}
-	inGate := true
+	inGate := release == nil
 	leaveGate := func() {
 		if inGate {
 			inGate = false
@@ -287,13 +297,17 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	doc.Attempt = meta.Attempts + 1
 	doc.LastError = meta.LastError
 
-	release, out, ok := e.waitForSlot(ctx, doc, spec, before, &meta)
-	leaveGate()
-	if !ok {
-		return out, false
+	if release == nil {
+		var out outcome
+		var ok bool
+		release, out, ok = e.waitForSlot(ctx, doc, spec, before, &meta)
+		leaveGate()
+		if !ok {
+			return out, false
+		}
+		defer release()
+		claim = meta.Claim
 	}
-	defer release()
-	claim = meta.Claim
 
 	// The run must end, result written, before the lease does.
 	runCtx, cancel := context.WithDeadline(ctx, claim.Expires.Add(-spec.Lease/10))

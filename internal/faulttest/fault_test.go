@@ -102,6 +102,16 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 	}
 	seed(t, db, waves)
 	last := run()
+	// On a failure the daemons' logs go where DOCSTATE_FAULT_LOGS says.
+	t.Cleanup(func() {
+		if dir := os.Getenv("DOCSTATE_FAULT_LOGS"); dir != "" && t.Failed() {
+			for i, l := range logs {
+				last.mu.Lock()
+				_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("daemon-%d.log", i)), l.Bytes(), 0o600)
+				last.mu.Unlock()
+			}
+		}
+	})
 	workflowtest.Eventually(t, 180*time.Second, "everything settled", func() (bool, string) {
 		st := tally(t, db)
 		return st.settled(), progress(t, db)
@@ -228,6 +238,8 @@ func writeConfig(t *testing.T, dir string, srv *couchtest.Server, smtpPort int, 
 database: control
 engine:
   lease: 3s
+  # A killed daemon's membership lingers this long: its share waits for it.
+  member_lease: 3s
   handler_timeout: 2s
   max_attempts: 20
   retry_base: 200ms
