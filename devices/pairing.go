@@ -348,35 +348,56 @@ func (d *Devices) publish(ctx context.Context, doc *workflow.Doc, status map[str
 	}
 	var user string
 	_, _ = doc.Field(FieldCouchUser, &user)
+	b, err := json.Marshal(status)
+	if err != nil {
+		return err
+	}
+	err = d.updateUser(ctx, user, func(cur map[string]json.RawMessage) bool {
+		if string(cur[FieldPairingStatus]) == string(b) {
+			return false
+		}
+		cur[FieldPairingStatus] = b
+		return true
+	})
+	if errors.Is(err, errUserGone) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("write the pairing status: %w", err)
+	}
+	return nil
+}
+
+// errUserGone: the device's _users document does not exist (any more).
+var errUserGone = errors.New("the device's CouchDB user is gone")
+
+// updateUser changes user's _users document with change (which reports
+// whether it changed anything) and writes it back, redoing on 409.
+func (d *Devices) updateUser(ctx context.Context, user string, change func(map[string]json.RawMessage) bool) error {
 	users := d.opts.Client.DB(usersDB)
 	id := userIDPrefix + user
 	for range maxWriteTries {
 		var cur map[string]json.RawMessage
 		err := users.Get(ctx, id).ScanDoc(&cur)
 		if couch.IsNotFound(err) {
-			return nil
+			return fmt.Errorf("%s: %w", id, errUserGone)
 		}
 		if err != nil {
 			return fmt.Errorf("read %s: %w", id, err)
 		}
-		b, err := json.Marshal(status)
-		if err != nil {
-			return err
-		}
-		if string(cur[FieldPairingStatus]) == string(b) {
+		if !change(cur) {
 			return nil
 		}
-		cur[FieldPairingStatus] = b
 		_, err = users.Put(ctx, id, cur)
 		if couch.IsConflict(err) {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("write the pairing status of %s: %w", id, err)
+			return fmt.Errorf("write %s: %w", id, err)
 		}
 		return nil
 	}
-	return fmt.Errorf("write the pairing status of %s: kept conflicting", id)
+	return fmt.Errorf("write %s: kept conflicting", id)
 }
 
 // usersMode reports whether doc is a trusted document of the users mode.
@@ -392,36 +413,22 @@ func (d *Devices) usersMode(doc *workflow.Doc) bool {
 // grantRole gives the device's own user the owner's role, marking the
 // entry as this device's. The user document must exist: the device made it.
 func (d *Devices) grantRole(ctx context.Context, trustedID, user, role string) error {
-	users := d.opts.Client.DB(usersDB)
-	id := userIDPrefix + user
-	for range maxWriteTries {
-		var cur map[string]json.RawMessage
-		err := users.Get(ctx, id).ScanDoc(&cur)
-		if couch.IsNotFound(err) {
-			return workflow.Terminal(fmt.Errorf("the device's CouchDB user %q is gone", user))
-		}
-		if err != nil {
-			return fmt.Errorf("read %s: %w", id, err)
-		}
+	err := d.updateUser(ctx, user, func(cur map[string]json.RawMessage) bool {
 		var roles []string
 		var mark string
 		_ = json.Unmarshal(cur["roles"], &roles)
 		_ = json.Unmarshal(cur[userMarkField], &mark)
 		if slices.Equal(roles, []string{role}) && mark == trustedID {
-			return nil
+			return false
 		}
 		cur["roles"], _ = json.Marshal([]string{role})
 		cur[userMarkField], _ = json.Marshal(trustedID)
-		_, err = users.Put(ctx, id, cur)
-		if couch.IsConflict(err) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("write %s: %w", id, err)
-		}
-		return nil
+		return true
+	})
+	if errors.Is(err, errUserGone) {
+		return workflow.Terminal(err)
 	}
-	return fmt.Errorf("write %s: kept conflicting", id)
+	return err
 }
 
 // userDBSecurity admits the owner's role only: no names, no database

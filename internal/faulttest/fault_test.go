@@ -237,10 +237,12 @@ func writeConfig(t *testing.T, dir string, srv *couchtest.Server, smtpPort int, 
   password: %s
 database: control
 engine:
-  lease: 3s
+  # Handlers get 4s: on two shared cores under the whole suite, one Mango
+  # scan of the control database (a channel's devices) can take over 2s.
+  lease: 6s
   # A killed daemon's membership lingers this long: its share waits for it.
   member_lease: 3s
-  handler_timeout: 2s
+  handler_timeout: 4s
   max_attempts: 20
   retry_base: 200ms
   retry_max: 2s
@@ -267,7 +269,7 @@ devices:
 channels:
   enabled: true
   prefix: fault-
-  reconcile_interval: 1s
+  reconcile_interval: 3s
 `, o.URL, o.Username, o.Password, httpAddr, smtpPort, secret)
 	path := filepath.Join(dir, "docstate.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
