@@ -276,7 +276,7 @@ func (c *Channels) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.R
 	// document before _security is set: another channel document that
 	// derives the same name (same owner, same name) must not get to set
 	// its members on it.
-	if err := c.claimInfo(ctx, db, doc.ID, ch); err != nil {
+	if err := c.claimInfo(ctx, db, doc.ID, ch.name, devices.OwnerRole(ch.owner)); err != nil {
 		return workflow.Result{}, err
 	}
 	roles := ch.roles()
@@ -299,10 +299,10 @@ func (c *Channels) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.R
 
 // claimInfo writes the channel database's description document, or checks
 // that the one there belongs to this channel document.
-func (c *Channels) claimInfo(ctx context.Context, db *kivik.DB, channelID string, ch channel) error {
+func (c *Channels) claimInfo(ctx context.Context, db *kivik.DB, channelID, name, ownerRole string) error {
 	info := map[string]any{
 		"_id": InfoDocID, "type": InfoType, "channel_doc": channelID,
-		"name": ch.name, "owner_role": devices.OwnerRole(ch.owner),
+		"name": name, "owner_role": ownerRole,
 	}
 	for range 5 {
 		var cur struct {
@@ -318,7 +318,7 @@ func (c *Channels) claimInfo(ctx context.Context, db *kivik.DB, channelID string
 			return fmt.Errorf("read %s/%s: %w", db.Name(), InfoDocID, err)
 		case cur.Channel != channelID:
 			return workflow.Terminal(fmt.Errorf("database %s already belongs to channel document %q: the same owner has a channel of this name", db.Name(), cur.Channel))
-		case cur.Name == ch.name:
+		case cur.Name == name:
 			return nil
 		default:
 			info["_rev"] = cur.Rev

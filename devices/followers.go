@@ -37,6 +37,11 @@ type FollowerOptions struct {
 	// HealInterval is how often provisioning is checked and re-applied
 	// (default 1m).
 	HealInterval time.Duration
+	// Handlers register further handlers on the engines of the per-owner
+	// control databases, beside the revoke requests: the channel requests
+	// of package channels (channels.Channels.RegisterUserDBs), or a user's
+	// own. One supervisor follows each of those databases once for all.
+	Handlers []func(*workflow.Registry) error
 }
 
 // NewFollowers builds the followers of the users mode.
@@ -61,6 +66,11 @@ func (d *Devices) NewFollowers(opts FollowerOptions) (*Followers, error) {
 	dreg := workflow.NewRegistry()
 	if err := d.RegisterUserDBs(dreg); err != nil {
 		return nil, err
+	}
+	for _, register := range opts.Handlers {
+		if err := register(dreg); err != nil {
+			return nil, fmt.Errorf("devices: handlers of %s*: %w", UserDBPrefix, err)
+		}
 	}
 	so := opts.Supervisor
 	so.Patterns = []string{UserDBPrefix + "*"}

@@ -18,6 +18,7 @@ import (
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/internal/metrics"
+	"github.com/docstate/docstate/workflow"
 )
 
 // Env is what handler sets are built from: the loaded configuration and
@@ -64,19 +65,28 @@ type Options struct {
 // with channels.enabled.
 func Builtin(env Env) ([]handlers.Set, error) {
 	var sets []handlers.Set
-	if env.Config.Devices.Enabled {
-		d, err := newDevices(env)
-		if err != nil {
-			return nil, err
-		}
-		sets = append(sets, d)
-	}
+	var ch *channelSet
+	var userDBHandlers []func(*workflow.Registry) error
 	if env.Config.Channels.Enabled {
 		c, err := newChannels(env)
 		if err != nil {
 			return nil, err
 		}
-		sets = append(sets, c)
+		ch = &c
+		// Devices paired through their own users ask for channels by
+		// replication into their owner's control database, which the
+		// device set's followers watch.
+		userDBHandlers = append(userDBHandlers, c.RegisterUserDBs)
+	}
+	if env.Config.Devices.Enabled {
+		d, err := newDevices(env, userDBHandlers)
+		if err != nil {
+			return nil, err
+		}
+		sets = append(sets, d)
+	}
+	if ch != nil {
+		sets = append(sets, *ch)
 	}
 	return sets, nil
 }

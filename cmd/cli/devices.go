@@ -88,7 +88,7 @@ func (c countingMailer) Send(ctx context.Context, m devices.Message) error {
 }
 
 // newDevices builds the device set from the configuration.
-func newDevices(env Env) (deviceSet, error) {
+func newDevices(env Env, userDBHandlers []func(*workflow.Registry) error) (deviceSet, error) {
 	cfg := env.Config
 	secret, err := devices.ReadSecretFile(cfg.Devices.SecretFile)
 	if err != nil {
@@ -139,7 +139,7 @@ func newDevices(env Env) (deviceSet, error) {
 			eo.OnRun = env.metrics.OnRun
 		}
 		so, _ := SupervisorOptions(cfg)
-		if followers, err = d.NewFollowers(devices.FollowerOptions{Engine: eo, Supervisor: so, HealInterval: cfg.Devices.HealInterval}); err != nil {
+		if followers, err = d.NewFollowers(devices.FollowerOptions{Engine: eo, Supervisor: so, HealInterval: cfg.Devices.HealInterval, Handlers: userDBHandlers}); err != nil {
 			return deviceSet{}, err
 		}
 	}

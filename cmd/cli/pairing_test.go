@@ -55,10 +55,56 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
-	user, password, owner := "dev-"+hex.EncodeToString(b), hex.EncodeToString(b)+"-pw", "cli-"+hex.EncodeToString(b)+"@example.test"
-	dev := devicetest.Start(t)
+	owner := "cli-" + hex.EncodeToString(b) + "@example.test"
+	dev, user, password, url := pairThroughUser(t, server, mail, owner, "CLI phone", &stderr)
+	remote := devicetest.Remote{URL: url, User: user, Password: password}
+	if err := dev.Replicate(ctx, "control", remote, "pull"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dev.WaitFor(ctx, "control", devices.TrustedID(user), map[string]any{"state": "active"}, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The private listener has health and metrics, the public one only
+	// the confirmation page; readiness names its checks.
+	for _, c := range []struct {
+		url  string
+		want int
+		body string
+	}{
+		{"http://" + addr + "/readyz?verbose", 200, "[+] feed ok\n[+] devices ok\nready\n"},
+		{"http://" + addr + "/metrics", 200, ""},
+		{"http://" + addr + "/devices/confirm", 404, "404 page not found\n"},
+		{"http://" + public + "/devices/confirm", 404, "Link not valid"}, // the page, without a link's parameters
+		{"http://" + public + "/metrics", 404, "404 page not found\n"},
+		{"http://" + public + "/readyz", 404, "404 page not found\n"},
+	} {
+		resp, err := http.Get(c.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.want || !strings.Contains(string(b), c.body) {
+			t.Errorf("%s: %d %q, want %d %q", c.url, resp.StatusCode, b, c.want, c.body)
+		}
+	}
+	_ = admin.DestroyDB(ctx, devices.UserDBName(owner))
+}
+
+// pairThroughUser pairs a new real PouchDB device of owner with the
+// running daemon, as a device does: it signs up as its own CouchDB user,
+// reads its code from the mail sink, confirms on its own user document
+// and waits for its control database's URL. stderr is the daemon's, shown
+// when it never gets there.
+func pairThroughUser(t *testing.T, server string, mail *mailtest.Maildev, owner, name string, stderr *bytes.Buffer) (dev *devicetest.Device, user, password, controlURL string) {
+	t.Helper()
+	ctx := context.Background()
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	user, password = "dev-"+hex.EncodeToString(b), hex.EncodeToString(b)+"-pw"
+	dev = devicetest.Start(t)
 	res, err := dev.SignUp(ctx, server, user, password, map[string]any{
-		"state": devices.UserState, devices.FieldPairing: map[string]any{"owner": owner, "device_name": "CLI phone"}})
+		"state": devices.UserState, devices.FieldPairing: map[string]any{"owner": owner, "device_name": name}})
 	if err != nil || res.Status != 201 {
 		t.Fatalf("sign up: %v %d %s", err, res.Status, res.Body)
 	}
@@ -112,36 +158,5 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	remote := devicetest.Remote{URL: url, User: user, Password: password}
-	if err := dev.Replicate(ctx, "control", remote, "pull"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := dev.WaitFor(ctx, "control", devices.TrustedID(user), map[string]any{"state": "active"}, 10*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	// The private listener has health and metrics, the public one only
-	// the confirmation page; readiness names its checks.
-	for _, c := range []struct {
-		url  string
-		want int
-		body string
-	}{
-		{"http://" + addr + "/readyz?verbose", 200, "[+] feed ok\n[+] devices ok\nready\n"},
-		{"http://" + addr + "/metrics", 200, ""},
-		{"http://" + addr + "/devices/confirm", 404, "404 page not found\n"},
-		{"http://" + public + "/devices/confirm", 404, "Link not valid"}, // the page, without a link's parameters
-		{"http://" + public + "/metrics", 404, "404 page not found\n"},
-		{"http://" + public + "/readyz", 404, "404 page not found\n"},
-	} {
-		resp, err := http.Get(c.url)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != c.want || !strings.Contains(string(b), c.body) {
-			t.Errorf("%s: %d %q, want %d %q", c.url, resp.StatusCode, b, c.want, c.body)
-		}
-	}
-	_ = admin.DestroyDB(ctx, devices.UserDBName(owner))
+	return dev, user, password, url
 }
