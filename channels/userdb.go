@@ -55,14 +55,17 @@ const (
 	ActionRemoveMembers = "remove_members"
 	ActionDelete        = "delete"
 
-	FieldAction    = "action"
-	FieldChannel   = "channel"
-	FieldReason    = "reason"
-	FieldOwnerRole = "owner_role"
-	FieldCreatedBy = "created_by"
-	FieldApplied   = "applied"
-	FieldAppliedAt = "applied_at"
-	FieldSynced    = "synced_name"
+	FieldAction  = "action"
+	FieldChannel = "channel"
+	// FieldChannelDoc is where an applied request names the channel
+	// document it changed.
+	FieldChannelDoc = "channel_doc"
+	FieldReason     = "reason"
+	FieldOwnerRole  = "owner_role"
+	FieldCreatedBy  = "created_by"
+	FieldApplied    = "applied"
+	FieldAppliedAt  = "applied_at"
+	FieldSynced     = "synced_name"
 
 	// invitesPrefix starts the id of a role's invitation list in the
 	// shared control database (only server admins read it in users mode):
@@ -247,7 +250,7 @@ func (c *Channels) handleRequest(ctx context.Context, doc *workflow.Doc) (workfl
 			c.log.Info("channel request applied", "database", db.Name(), "request", doc.ID, "channel", id, "action", req.action)
 		}
 		return workflow.Transition(StateApplied).
-			Set(FieldChannel, id).
+			Set(FieldChannelDoc, id).
 			Set(FieldAppliedAt, time.Now().UTC().Format(time.RFC3339)), nil
 	}
 	return workflow.Result{}, fmt.Errorf("write %s: kept conflicting", id)

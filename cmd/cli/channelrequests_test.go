@@ -88,10 +88,10 @@ func TestDevicesAskForChannelsByReplication(t *testing.T) {
 	put(map[string]any{"_id": "channel_request:1", "type": channels.RequestType, "state": "new",
 		"action": channels.ActionCreate, "channel": "photos", "name": "Family Photos", "members": []string{bob, dave}})
 	hostile := map[string]map[string]any{
-		"channel_request:owner": {"type": channels.RequestType, "state": "new", "action": "create", "channel": "x", "name": "X", "owner": bob},
-		"channel_request:db":    {"type": channels.RequestType, "state": "new", "action": "create", "channel": "y", "name": "Y", "database": "userctl-0"},
-		"channel_request:up":    {"type": channels.RequestType, "state": "new", "action": "create", "channel": "../userctl", "name": "Z"},
-		"channel:photos2":       {"type": channels.DocType, "state": "ready", "owner_role": devices.OwnerRole(bob), "name": "forged"},
+		"channel_request:owner":                {"type": channels.RequestType, "state": "new", "action": "create", "channel": "x", "name": "X", "owner": bob},
+		"channel_request:db":                   {"type": channels.RequestType, "state": "new", "action": "create", "channel": "y", "name": "Y", "database": "userctl-0"},
+		"channel_request:up":                   {"type": channels.RequestType, "state": "new", "action": "create", "channel": "../userctl", "name": "Z"},
+		"channel:photos2":                      {"type": channels.DocType, "state": "ready", "owner_role": devices.OwnerRole(bob), "name": "forged"},
 		"channel-subscription:" + prefix + "x": {"type": channels.SubscriptionType, "database": "_users"},
 	}
 	for id, doc := range hostile {
@@ -135,7 +135,7 @@ func TestDevicesAskForChannelsByReplication(t *testing.T) {
 		})
 		return doc
 	}
-	pullUntil(phone, aControl, "channel_request:1", map[string]any{"state": channels.StateApplied, "channel": "channel:photos"})
+	pullUntil(phone, aControl, "channel_request:1", map[string]any{"state": channels.StateApplied, "channel_doc": "channel:photos"})
 	ch := pullUntil(phone, aControl, "channel:photos", map[string]any{"state": channels.StateReady, "name": "Family Photos"})
 	database, _ := ch["database"].(string)
 	if !strings.HasPrefix(database, prefix) || ch["url"] != server+"/"+database {
