@@ -79,6 +79,39 @@
 // the channel both ways with its own credentials; once it is revoked or its
 // owner removed, its subscription disappears and _security refuses it.
 //
+// # Channels in the owners' control databases
+//
+// With devices paired through their own users (devices.PairingUsers), a
+// device asks for channels by replication: it writes a new channel_request
+// document (action create, rename, add_members, remove_members or delete;
+// channel, a slug; name; members) into its owner's control database
+// (userctl-*), offline if need be. RegisterUserDBs registers the handlers
+// for the supervisor over those databases (devices.FollowerOptions.Handlers):
+//
+//   - channel_request new: Safe. Applies the request to the channel document
+//     "channel:" + slug in the same database, which only the daemon writes,
+//     by compare-and-swap; the channel document remembers the requests it
+//     took, so a request run twice changes it once. The request becomes
+//     applied (channel_doc, applied_at) or refused (reason).
+//   - channel new/ready: Safe. As for the shared control database, with the
+//     database derived from the owner's role and the slug
+//     (UserChannelDB): created, claimed, _security set and read back. Each
+//     admitted role's invitation list (channel-invites:<role>, in the
+//     control database) holds the channel, and each role's own control
+//     database one subscription per channel (UserSubscriptionPrefix +
+//     database), for all of that member's devices. Nothing is written while
+//     nothing changed; _security is rechecked every ReconcileInterval.
+//   - channel deleting: Safe. Invitations and subscriptions taken back, the
+//     database deleted or archived, then deleted.
+//   - device_info active (written by the devices set at activation): Safe.
+//     The owner's control database is made to match their invitation list,
+//     so a member invited before they had a device gets the channel at once.
+//
+// Requests are new documents rather than edits: an offline edit of a
+// document the daemon also writes would become a conflict whose losing side
+// is lost, and PouchDB Server drops replicated updates of existing
+// documents.
+//
 // Hard-deleting a channel document (_deleted) instead of setting
 // delete_requested leaves its database and subscriptions behind: the engine
 // never sees deleted documents' fields. Renaming a ready channel does not
