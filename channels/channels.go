@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	kivik "github.com/go-kivik/kivik/v4"
@@ -91,6 +92,11 @@ type Options struct {
 	// OnProvisioned, when set, is called each time a channel database was
 	// created (or found) and its _security verified, for metrics.
 	OnProvisioned func()
+	// OnSubscribed, when set, is called for each subscription written
+	// into a member's control database for a channel asked for by
+	// replication: the member's role and the channel's database. For
+	// metrics, and for the benchmark's request-to-subscription latency.
+	OnSubscribed func(role, database string)
 }
 
 // Channels holds the channel handlers.
@@ -102,6 +108,9 @@ type Channels struct {
 	// the window in which another daemon can finish deleting the channel,
 	// which a test could not hit reliably otherwise.
 	beforeSubscriptionWrites func()
+	// roleLocks serialise, per member role (by stripe), the invitation
+	// list and subscription writes of channels asked for by replication.
+	roleLocks [64]sync.Mutex
 }
 
 // New checks opts and returns the handlers.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"maps"
 	"slices"
 	"strings"
@@ -523,6 +524,8 @@ func (c *Channels) handleDeviceActive(ctx context.Context, doc *workflow.Doc) (w
 	if !ok {
 		return workflow.Stay(), nil
 	}
+	unlock := c.lockRole(role)
+	defer unlock()
 	if err := c.syncMember(ctx, role); err != nil {
 		return workflow.Result{}, err
 	}
@@ -530,36 +533,48 @@ func (c *Channels) handleDeviceActive(ctx context.Context, doc *workflow.Doc) (w
 }
 
 // invite puts inv on the invitation list of every role in add and takes it
-// off every role in remove that is not in add, then brings each of those
-// roles' control databases in line.
+// off every role in remove that is not in add, and brings each of those
+// roles' control databases in line. Each role is done under its stripe of
+// roleLocks: the channels of one daemon that share a member then take
+// turns on that member's list and database instead of racing (and
+// redoing) on both; daemons still race, which the compare-and-swap and
+// syncMember's re-read settle.
 func (c *Channels) invite(ctx context.Context, inv invite, add, remove []string) error {
-	touched := map[string]bool{}
 	for _, r := range add {
-		changed, err := c.updateInvites(ctx, r, func(m map[string]invite) { m[inv.Database] = inv })
-		if err != nil {
+		if err := c.inviteOne(ctx, r, func(m map[string]invite) { m[inv.Database] = inv }); err != nil {
 			return err
 		}
-		touched[r] = touched[r] || changed
 	}
 	for _, r := range remove {
 		if slices.Contains(add, r) {
 			continue
 		}
-		changed, err := c.updateInvites(ctx, r, func(m map[string]invite) { delete(m, inv.Database) })
-		if err != nil {
-			return err
-		}
-		touched[r] = touched[r] || changed
-	}
-	// Every role's database is synced, changed list or not: a run repeated
-	// after a crash between the list's write and the sync finds the list
-	// already right.
-	for _, r := range slices.Sorted(maps.Keys(touched)) {
-		if err := c.syncMember(ctx, r); err != nil {
+		if err := c.inviteOne(ctx, r, func(m map[string]invite) { delete(m, inv.Database) }); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+func (c *Channels) inviteOne(ctx context.Context, role string, change func(map[string]invite)) error {
+	unlock := c.lockRole(role)
+	defer unlock()
+	// The database is synced whether or not the list changed: a run
+	// repeated after a crash between the list's write and the sync finds
+	// the list already right.
+	if _, err := c.updateInvites(ctx, role, change); err != nil {
+		return err
+	}
+	return c.syncMember(ctx, role)
+}
+
+// lockRole takes role's stripe of the daemon's role locks.
+func (c *Channels) lockRole(role string) (unlock func()) {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(role))
+	mu := &c.roleLocks[h.Sum32()%uint32(len(c.roleLocks))]
+	mu.Lock()
+	return mu.Unlock
 }
 
 type invitesDoc struct {
@@ -686,6 +701,10 @@ func (c *Channels) syncMember(ctx context.Context, role string) error {
 					conflicted = true
 				} else if r.Error != nil {
 					return fmt.Errorf("write subscription %s in %s: %w", r.ID, udb, r.Error)
+				} else if database, ok := strings.CutPrefix(r.ID, UserSubscriptionPrefix); ok && c.opts.OnSubscribed != nil {
+					if _, invited := inv.Channels[database]; invited {
+						c.opts.OnSubscribed(role, database)
+					}
 				}
 			}
 			if conflicted {

@@ -368,8 +368,18 @@ func (e *Engine) Idle() bool {
 
 // NextDue returns the earliest time a document waits for (a retry, a
 // wake-up, a claim's expiry), zero when none does. A supervisor that stops
-// an idle engine starts it again then.
-func (e *Engine) NextDue() time.Time { return e.q.nextDue() }
+// an idle engine starts it again then. In-memory rechecks
+// (Result.RecheckAfter) are left out: they live in this engine's memory
+// only, so an engine started again for one would not have it, and
+// restarting engines for them would keep the slots of a many-database
+// daemon busy with nothing to do. A stopped engine's rechecks lapse; the
+// next change of the document runs its handler again.
+func (e *Engine) NextDue() time.Time {
+	return e.q.nextDue(func(id string) bool {
+		_, recheck := e.rechecks.Load(id)
+		return recheck
+	})
+}
 
 // hasType reports whether a type has handlers.
 func (e *Engine) hasType(t string) bool { return e.types[t] }

@@ -237,12 +237,16 @@ func (q *queue) delayedLen() int {
 	return len(q.scheduled)
 }
 
-// nextDue returns the earliest time an id waits for (zero: none).
-func (q *queue) nextDue() time.Time {
+// nextDue returns the earliest time an id waits for (zero: none), leaving
+// out the ids skip names.
+func (q *queue) nextDue(skip func(id string) bool) time.Time {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	var first time.Time
-	for _, at := range q.scheduled {
+	for id, at := range q.scheduled {
+		if skip != nil && skip(id) {
+			continue
+		}
 		if first.IsZero() || at.Before(first) {
 			first = at
 		}
