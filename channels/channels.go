@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/http"
 	"net/url"
 	"slices"
 	"strings"
@@ -97,6 +98,16 @@ type Options struct {
 	// replication: the member's role and the channel's database. For
 	// metrics, and for the benchmark's request-to-subscription latency.
 	OnSubscribed func(role, database string)
+	// Templates are the databases a channel asked for by replication may
+	// be seeded from, by name (a create request's "template"). Seeding is
+	// server-side replication (a _replicator document per channel), so
+	// Replicator must be set with them.
+	Templates map[string]string
+	// Replicator is how the server reaches itself for those replications.
+	Replicator Replicator
+	// OnSeed, when set, is called each time a channel's recorded seed
+	// state changes, with the new state, for metrics.
+	OnSeed func(state string)
 }
 
 // Channels holds the channel handlers.
@@ -111,6 +122,8 @@ type Channels struct {
 	// roleLocks serialise, per member role (by stripe), the invitation
 	// list and subscription writes of channels asked for by replication.
 	roleLocks [64]sync.Mutex
+	// http reads the replication scheduler, which kivik has no call for.
+	http *http.Client
 }
 
 // New checks opts and returns the handlers.
@@ -150,10 +163,19 @@ func New(opts Options) (*Channels, error) {
 	if opts.ReconcileInterval < time.Second || opts.MaxMembers < 1 {
 		errs = append(errs, errors.New("reconcile interval must be at least 1s and max members positive"))
 	}
+	if err := CheckTemplates(opts.Templates); err != nil {
+		errs = append(errs, err)
+	}
+	if len(opts.Templates) > 0 {
+		u, err := url.Parse(opts.Replicator.URL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
+			errs = append(errs, errors.New("templates need the replicator's server URL (http(s), credentials apart)"))
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("channels: %w", err)
 	}
-	return &Channels{opts: opts, log: opts.Logger}, nil
+	return &Channels{opts: opts, log: opts.Logger, http: &http.Client{Timeout: 30 * time.Second}}, nil
 }
 
 // Register registers the channel handlers. All are Safe: every step is

@@ -20,3 +20,10 @@ func (c *Channels) HandleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 // SetBeforeSubscriptionWrites sets the hook a reconcile runs just before it
 // writes subscriptions.
 func (c *Channels) SetBeforeSubscriptionWrites(f func()) { c.beforeSubscriptionWrites = f }
+
+// SchedulerState reads a seed's state from the scheduler at
+// Replicator.URL.
+func (c *Channels) SchedulerState(ctx context.Context, id string) (state, reason string, ok bool, err error) {
+	s, ok, err := c.schedulerState(ctx, id)
+	return s.State, s.Reason, ok, err
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -142,8 +143,8 @@ func (c *Channels) UserChannelDB(role, slug string) string {
 
 // request is a device's channel request, validated.
 type request struct {
-	slug, action, name string
-	members            []string
+	slug, action, name, template string
+	members                      []string
 }
 
 // parseRequest validates a request; the error is the reason a refusal
@@ -203,6 +204,14 @@ func (c *Channels) parseRequest(doc *workflow.Doc) (request, error) {
 				return r, fmt.Errorf("members[%d] %w", i, err)
 			}
 			r.members = append(r.members, strings.ToLower(s))
+		}
+	}
+	if doc.Has(FieldTemplate) {
+		if ok, err := doc.Field(FieldTemplate, &r.template); err != nil || !ok || r.action != ActionCreate {
+			return r, errors.New("template must be a string, on a create request")
+		}
+		if _, ok := c.opts.Templates[r.template]; !ok {
+			return r, fmt.Errorf("no template %q is configured", r.template)
 		}
 	}
 	if needMembers && len(r.members) == 0 {
@@ -292,7 +301,7 @@ func (c *Channels) apply(cur map[string]json.RawMessage, req request, role, requ
 	case req.action == ActionCreate:
 		// A deleted channel can be created again: same database name,
 		// created afresh, without the old one's records.
-		for _, k := range []string{FieldDeleteRequested, FieldDeletedAt, FieldMemberRoles, FieldSubscriptions, FieldSynced} {
+		for _, k := range []string{FieldDeleteRequested, FieldDeletedAt, FieldMemberRoles, FieldSubscriptions, FieldSynced, FieldTemplate, FieldSeed} {
 			delete(next, k)
 		}
 		set("type", DocType)
@@ -301,6 +310,9 @@ func (c *Channels) apply(cur map[string]json.RawMessage, req request, role, requ
 		set(FieldName, req.name)
 		set(FieldMembers, req.members)
 		set(FieldCreatedBy, requestID)
+		if req.template != "" {
+			set(FieldTemplate, req.template)
+		}
 	case gone && req.action == ActionDelete:
 		if cur == nil {
 			return nil, "no channel " + req.slug + " to delete"
@@ -343,6 +355,8 @@ func (c *Channels) apply(cur map[string]json.RawMessage, req request, role, requ
 // userChannel is a channel document of a per-owner control database.
 type userChannel struct {
 	role, slug, name string
+	template         string
+	seed             seed
 	members          []string
 	deleteRequested  bool
 	// synced is the name the invitations were last written with.
@@ -383,6 +397,8 @@ func (c *Channels) parseUserChannel(doc *workflow.Doc) (userChannel, error) {
 	}
 	_, _ = doc.Field(FieldDeleteRequested, &u.deleteRequested)
 	_, _ = doc.Field(FieldSynced, &u.synced)
+	_, _ = doc.Field(FieldTemplate, &u.template)
+	_, _ = doc.Field(FieldSeed, &u.seed)
 	return u, nil
 }
 
@@ -428,9 +444,17 @@ func (c *Channels) handleUserChannel(ctx context.Context, doc *workflow.Doc) (wo
 	}
 	var state string
 	_, _ = doc.Field("state", &state)
+	sd, recheck, err := c.seedOf(ctx, u, name)
+	if err != nil {
+		return workflow.Result{}, err
+	}
 	prev := previousRoles(doc)
 	if state == StateReady && slices.Equal(prev, roles) && u.synced == u.name {
-		return workflow.Stay().RecheckAfter(c.opts.ReconcileInterval), nil
+		if sd == u.seed {
+			return workflow.Stay().RecheckAfter(recheck), nil
+		}
+		c.seedChanged(ref, sd)
+		return workflow.Stay().Set(FieldSeed, sd).RecheckAfter(recheck), nil
 	}
 	inv := invite{Channel: ref, Name: u.name, OwnerRole: u.role, Database: name}
 	if c.opts.PublicURL != "" {
@@ -463,7 +487,50 @@ func (c *Channels) handleUserChannel(ctx context.Context, doc *workflow.Doc) (wo
 	if inv.URL != "" {
 		res = res.Set(FieldURL, inv.URL)
 	}
+	if sd != u.seed {
+		c.seedChanged(ref, sd)
+		res = res.Set(FieldSeed, sd)
+	}
+	if state != StateNew {
+		res = res.RecheckAfter(recheck)
+	}
 	return res, nil
+}
+
+// seedOf is the channel's seed state now, asking the server while the
+// seed is under way, and how soon to look again: soon while it is, every
+// ReconcileInterval once it is done or when there is none.
+func (c *Channels) seedOf(ctx context.Context, u userChannel, database string) (seed, time.Duration, error) {
+	switch {
+	case u.template == "":
+		return u.seed, c.opts.ReconcileInterval, nil
+	case u.seed.State == SeedCompleted || u.seed.State == SeedFailed:
+		return u.seed, c.opts.ReconcileInterval, nil
+	}
+	source, ok := c.opts.Templates[u.template]
+	if !ok {
+		return seed{State: SeedFailed, Reason: fmt.Sprintf("template %q is no longer configured", u.template)}, c.opts.ReconcileInterval, nil
+	}
+	sd, err := c.ensureSeed(ctx, database, source)
+	if err != nil {
+		return seed{}, 0, err
+	}
+	if sd.State == SeedCompleted || sd.State == SeedFailed {
+		return sd, c.opts.ReconcileInterval, nil
+	}
+	return sd, min(seedRecheck, c.opts.ReconcileInterval), nil
+}
+
+// seedChanged logs and counts a seed's new state.
+func (c *Channels) seedChanged(ref string, sd seed) {
+	level := slog.LevelInfo
+	if sd.State == SeedCrashing || sd.State == SeedFailed {
+		level = slog.LevelWarn
+	}
+	c.log.Log(context.Background(), level, "channel seed", "id", ref, "state", sd.State, "reason", sd.Reason)
+	if c.opts.OnSeed != nil {
+		c.opts.OnSeed(sd.State)
+	}
 }
 
 // stillLive reports whether the channel document is still new or ready
@@ -494,6 +561,9 @@ func (c *Channels) handleUserDeleting(ctx context.Context, doc *workflow.Doc) (w
 	ref := doc.DB().Name() + "/" + doc.ID
 	lookIn := append(previousRoles(doc), u.roles()...)
 	if err := c.invite(ctx, invite{Channel: ref, Database: name}, nil, lookIn); err != nil {
+		return workflow.Result{}, err
+	}
+	if err := c.dropSeed(ctx, name); err != nil {
 		return workflow.Result{}, err
 	}
 	switch c.opts.OnDelete {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -114,5 +116,116 @@ func TestUserChannelIdleWritesNothingAndRequestsApplyOnce(t *testing.T) {
 	}
 	if slices.Contains(got.Members, carol) || got.Rev != chRev {
 		t.Fatalf("request b applied twice: members %v, rev %s (was %s)", got.Members, got.Rev, chRev)
+	}
+}
+
+// A channel asked for with a template is seeded by the server: the daemon
+// writes one _replicator document, reads its state onto the channel
+// document, and stops it when the channel is deleted. A template that
+// cannot be read shows as a crashing seed with its reason; an unknown
+// template is refused on the request.
+func TestUserChannelSeededFromTemplateByTheServer(t *testing.T) {
+	admin := couchtest.Client(t)
+	control := couchtest.NewDB(t, admin)
+	template := couchtest.NewDB(t, admin)
+	ctx := context.Background()
+	for i := range 3 {
+		if _, err := template.Put(ctx, fmt.Sprintf("starter-%d", i), map[string]any{"title": "welcome"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	alice := "alice-" + control.Name() + "@example.com"
+	aDB := admin.DB(devices.UserDBName(alice))
+	if err := admin.CreateDB(ctx, aDB.Name()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = admin.DestroyDB(context.Background(), aDB.Name()) })
+	o := couchtest.Options(t)
+	var seeds []string
+	var mu sync.Mutex
+	ch, err := channels.New(channels.Options{Client: admin, DB: control, Prefix: prefixFor(control),
+		ReconcileInterval: time.Minute, Logger: workflowtest.Logger(t),
+		Templates:  map[string]string{"starter": template.Name(), "gone": "tmpl-missing-" + control.Name()},
+		Replicator: channels.Replicator{URL: o.URL, Username: o.Username, Password: o.Password},
+		OnSeed: func(state string) {
+			mu.Lock()
+			seeds = append(seeds, state)
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := workflow.NewRegistry()
+	if err := ch.RegisterUserDBs(reg); err != nil {
+		t.Fatal(err)
+	}
+	workflowtest.Start(t, aDB, reg, workflowtest.Options(t))
+	put := func(id string, fields map[string]any) {
+		t.Helper()
+		doc := map[string]any{"type": channels.RequestType, "state": "new"}
+		for k, v := range fields {
+			doc[k] = v
+		}
+		if _, err := aDB.Put(ctx, id, doc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("channel_request:1", map[string]any{"action": "create", "channel": "home", "name": "Home", "template": "starter"})
+	put("channel_request:2", map[string]any{"action": "create", "channel": "broken", "name": "Broken", "template": "gone"})
+	put("channel_request:3", map[string]any{"action": "create", "channel": "other", "name": "Other", "template": "nosuch"})
+	if r := waitState(t, aDB, "channel_request:3", channels.StateRefused); r.ID == "" {
+		t.Fatal("no refusal")
+	}
+
+	type seeded struct {
+		Database string `json:"database"`
+		Seed     struct {
+			State  string `json:"state"`
+			Reason string `json:"reason"`
+		} `json:"seed"`
+	}
+	waitSeed := func(id string, states ...string) seeded {
+		t.Helper()
+		var s seeded
+		workflowtest.Eventually(t, 60*time.Second, id+" seed "+fmt.Sprint(states), func() (bool, string) {
+			if err := aDB.Get(ctx, id).ScanDoc(&s); err != nil {
+				return false, err.Error()
+			}
+			return slices.Contains(states, s.Seed.State), fmt.Sprintf("%+v", s.Seed)
+		})
+		return s
+	}
+	home := waitSeed("channel:home", channels.SeedCompleted)
+	for i := range 3 {
+		if _, err := admin.DB(home.Database).Get(ctx, fmt.Sprintf("starter-%d", i)).Rev(); err != nil {
+			t.Errorf("starter-%d not seeded into %s: %v", i, home.Database, err)
+		}
+	}
+	if _, err := admin.DB("_replicator").Get(ctx, channels.SeedIDPrefix+home.Database).Rev(); err != nil {
+		t.Errorf("the seed's _replicator document: %v", err)
+	}
+	broken := waitSeed("channel:broken", channels.SeedFailed)
+	if !strings.Contains(broken.Seed.Reason, "does not exist") {
+		t.Errorf("a failed seed's reason: %+v", broken.Seed)
+	}
+	if ok, _ := admin.DBExists(ctx, "tmpl-missing-"+control.Name()); ok {
+		t.Error("the missing template was created")
+	}
+
+	// A replication the server cannot run is not tried here: PouchDB
+	// Server 4.2.0's replicator takes the whole server process down when a
+	// replication fails on authentication. The crashing state is read from
+	// CouchDB's scheduler (TestSeedStateFromTheScheduler).
+	mu.Lock()
+	if !slices.Contains(seeds, channels.SeedCompleted) {
+		t.Errorf("seed states counted %v", seeds)
+	}
+	mu.Unlock()
+
+	// Deleting the channel stops its replication.
+	put("channel_request:4", map[string]any{"action": "delete", "channel": "broken"})
+	waitState(t, aDB, "channel:broken", channels.StateDeleted)
+	if _, err := admin.DB("_replicator").Get(ctx, channels.SeedIDPrefix+broken.Database).Rev(); err == nil {
+		t.Error("a deleted channel's seed replication is still there")
 	}
 }

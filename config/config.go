@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net/url"
 	"strings"
 	"time"
@@ -59,6 +60,56 @@ type Channels struct {
 	OnDelete          string        `yaml:"on_delete"`
 	ReconcileInterval time.Duration `yaml:"reconcile_interval"`
 	MaxMembers        int           `yaml:"max_members"`
+	// Templates is a comma-separated list of name=database pairs: the
+	// databases a channel asked for by replication may be seeded from.
+	Templates string `yaml:"templates"`
+}
+
+// TemplateMap returns Templates as name → database; the second result is
+// the first malformed entry's error.
+func (c Channels) TemplateMap() (map[string]string, error) {
+	out := map[string]string{}
+	for _, pair := range strings.Split(c.Templates, ",") {
+		if pair = strings.TrimSpace(pair); pair == "" {
+			continue
+		}
+		name, db, ok := strings.Cut(pair, "=")
+		name, db = strings.TrimSpace(name), strings.TrimSpace(db)
+		if !ok || !templateName(name) || !templateDB(db) {
+			return nil, fmt.Errorf("%q must be name=database: a name of 1 to 64 of a-z 0-9 _ - (starting with a letter or digit), a database starting with a-z, holding a-z 0-9 _$()+-/, not a userctl- control database", pair)
+		}
+		if _, dup := out[name]; dup {
+			return nil, fmt.Errorf("template %q is listed twice", name)
+		}
+		out[name] = db
+	}
+	return out, nil
+}
+
+func templateName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for i := range len(s) {
+		b := s[i]
+		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || i > 0 && (b == '_' || b == '-')) {
+			return false
+		}
+	}
+	return true
+}
+
+func templateDB(s string) bool {
+	if s == "" || len(s) > 238 || s[0] < 'a' || s[0] > 'z' || strings.HasPrefix(s, "userctl-") {
+		return false
+	}
+	for i := range len(s) {
+		b := s[i]
+		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || strings.IndexByte("_$()+-/", b) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // SMTP is the relay that sends device confirmation mail.

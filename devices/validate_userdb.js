@@ -55,7 +55,7 @@ function (newDoc, oldDoc, userCtx, secObj) {
   // is this database's, and the database is derived from it and the
   // channel, so neither is named.
   only({ _id: true, _rev: true, _revisions: true, type: true, state: true, action: true,
-    channel: true, name: true, members: true });
+    channel: true, name: true, members: true, template: true });
   if (id.indexOf("channel_request:") !== 0) {
     deny("a channel_request's id starts with channel_request:");
   }
@@ -70,6 +70,10 @@ function (newDoc, oldDoc, userCtx, secObj) {
     if (typeof newDoc.name !== "string" || newDoc.name.length < 1 || newDoc.name.length > 200) {
       deny("name must be a string of 1 to 200 characters");
     }
+  }
+  if (newDoc.template !== undefined &&
+      (newDoc.action !== "create" || typeof newDoc.template !== "string" || !/^[a-z0-9][a-z0-9_-]{0,63}$/.test(newDoc.template))) {
+    deny("template must name a configured template, on a create request");
   }
   if (newDoc.members !== undefined) {
     if (Object.prototype.toString.call(newDoc.members) !== "[object Array]" || newDoc.members.length > 100) {

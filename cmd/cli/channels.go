@@ -1,6 +1,8 @@
 package cli
 
 import (
+	"fmt"
+
 	"github.com/docstate/docstate/channels"
 	"github.com/docstate/docstate/handlers"
 )
@@ -28,8 +30,19 @@ func newChannels(env Env) (channelSet, error) {
 		// subscriptions in their owner's control database.
 		UserDBs: env.Config.Devices.Enabled && env.Config.Devices.Pairing == "users",
 	}
+	templates, err := cfg.TemplateMap()
+	if err != nil {
+		return channelSet{}, fmt.Errorf("channels.templates: %w", err)
+	}
+	if len(templates) > 0 {
+		opts.Templates = templates
+		// The server replicates into channels as the daemon's own admin.
+		opts.Replicator = channels.Replicator{URL: env.Config.CouchDB.URL,
+			Username: env.Config.CouchDB.Username, Password: env.Config.CouchDB.Password}
+	}
 	if env.metrics != nil {
 		opts.OnProvisioned = env.metrics.ChannelProvisioned
+		opts.OnSeed = env.metrics.ChannelSeed
 	}
 	c, err := channels.New(opts)
 	if err != nil {

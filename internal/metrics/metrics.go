@@ -54,6 +54,7 @@ type Metrics struct {
 	flush    *prometheus.HistogramVec
 	emails   *prometheus.CounterVec
 	channels *prometheus.CounterVec
+	seeds    *prometheus.CounterVec
 	provs    *prometheus.CounterVec
 	repairs  *prometheus.CounterVec
 	engines  *engineCollector
@@ -104,6 +105,10 @@ func New(version string, opts ...Option) *Metrics {
 		Help: "Channel databases created (or found) and secured, their _security read back and verified.",
 	}, []string{"engine"})
 	m.channels.WithLabelValues(m.engine)
+	m.seeds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "docstate_channel_seeds_total",
+		Help: "Channel seed replications (_replicator, from a template) seen reaching a state: pending, running, completed, crashing, failed.",
+	}, []string{"state"})
 	m.provs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "docstate_provision_checks_total",
 		Help: "Periodic provisioning runs (every engine.resync_interval) by result: ok or failed.",
@@ -119,7 +124,7 @@ func New(version string, opts ...Option) *Metrics {
 		m.emails.WithLabelValues(m.engine, r)
 	}
 	m.engines = newEngineCollector()
-	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.channels, m.provs, m.repairs, m.engines)
+	m.reg.MustRegister(build, m.runs, m.duration, m.batch, m.flush, m.emails, m.channels, m.seeds, m.provs, m.repairs, m.engines)
 	m.handler = promhttp.InstrumentMetricHandler(m.reg, promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		Registry:          m.reg,
 		ErrorHandling:     promhttp.ContinueOnError,
@@ -160,6 +165,17 @@ func (m *Metrics) observeFlush(engine string, f workflow.FlushInfo) {
 	}
 	m.batch.WithLabelValues(engine).Observe(float64(f.Docs))
 	m.flush.WithLabelValues(engine, result).Observe(f.Duration.Seconds())
+}
+
+// ChannelSeed counts a channel's seed replication reaching state (a
+// bounded set: the states channels reports).
+func (m *Metrics) ChannelSeed(state string) {
+	switch state {
+	case "pending", "running", "completed", "crashing", "failed":
+	default:
+		state = "other"
+	}
+	m.seeds.WithLabelValues(state).Inc()
 }
 
 // ChannelProvisioned counts one channel database provisioned and verified.
