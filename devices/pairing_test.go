@@ -29,8 +29,15 @@ type usersStack struct {
 func startUsersStack(t *testing.T, mod func(*Options)) *usersStack {
 	t.Helper()
 	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	return startUsersStackWith(t, mock, mockMailer(t, mock), mod)
+}
+
+// startUsersStackWith is startUsersStack sending through mailer, which
+// delivers to mock.
+func startUsersStackWith(t testing.TB, mock *mailtest.Mock, mailer Mailer, mod func(*Options)) *usersStack {
+	t.Helper()
 	server := couchtest.Options(t).URL
-	f := newFixture(t, mockMailer(t, mock), func(o *Options) {
+	f := newFixture(t, mailer, func(o *Options) {
 		o.Pairing = PairingUsers
 		o.PublicURL = server
 		if mod != nil {
