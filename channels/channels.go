@@ -18,8 +18,8 @@ import (
 
 	kivik "github.com/go-kivik/kivik/v4"
 
-	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/identity"
 	"github.com/docstate/docstate/workflow"
 )
 
@@ -78,7 +78,7 @@ type Options struct {
 	// data, readable by server admins only.
 	OnDelete string
 	// UserDBs places the subscriptions of devices paired through their
-	// own users (devices.PairingUsers) in their owner's control database,
+	// own users (identity.PairingUsers) in their owner's control database,
 	// where those devices look, instead of the shared control database.
 	UserDBs bool
 	// ReconcileInterval is how often a ready channel re-checks its
@@ -206,9 +206,9 @@ type channel struct {
 // roles are the CouchDB roles admitted to the channel: the owner's and
 // every member's device role, sorted.
 func (ch channel) roles() []string {
-	out := []string{devices.OwnerRole(ch.owner)}
+	out := []string{identity.OwnerRole(ch.owner)}
 	for _, m := range ch.members {
-		out = append(out, devices.OwnerRole(m))
+		out = append(out, identity.OwnerRole(m))
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
@@ -231,7 +231,7 @@ func (c *Channels) parse(doc *workflow.Doc) (channel, error) {
 	var errs []error
 	if err := str(FieldOwner, &ch.owner); err != nil {
 		errs = append(errs, err)
-	} else if err := devices.CheckEmail(ch.owner); err != nil {
+	} else if err := identity.CheckEmail(ch.owner); err != nil {
 		errs = append(errs, fmt.Errorf("owner %w", err))
 	}
 	if err := str(FieldName, &ch.name); err != nil {
@@ -252,7 +252,7 @@ func (c *Channels) parse(doc *workflow.Doc) (channel, error) {
 					errs = append(errs, fmt.Errorf("members[%d] must be a string", i))
 					continue
 				}
-				if err := devices.CheckEmail(s); err != nil {
+				if err := identity.CheckEmail(s); err != nil {
 					errs = append(errs, fmt.Errorf("members[%d] %w", i, err))
 					continue
 				}
@@ -307,7 +307,7 @@ func (c *Channels) handleNew(ctx context.Context, doc *workflow.Doc) (workflow.R
 	// document before _security is set: another channel document that
 	// derives the same name (same owner, same name) must not get to set
 	// its members on it.
-	if err := c.claimInfo(ctx, db, doc.ID, ch.name, devices.OwnerRole(ch.owner)); err != nil {
+	if err := c.claimInfo(ctx, db, doc.ID, ch.name, identity.OwnerRole(ch.owner)); err != nil {
 		return workflow.Result{}, err
 	}
 	roles := ch.roles()
@@ -465,7 +465,7 @@ func (c *Channels) handleDeleting(ctx context.Context, doc *workflow.Doc) (workf
 // there is nothing of this channel document's to remove.
 func (c *Channels) unrecordedDatabase(ctx context.Context, doc *workflow.Doc) (string, error) {
 	var owner, name string
-	if raw, ok := rawField(doc, FieldOwner); !ok || json.Unmarshal(raw, &owner) != nil || devices.CheckEmail(owner) != nil {
+	if raw, ok := rawField(doc, FieldOwner); !ok || json.Unmarshal(raw, &owner) != nil || identity.CheckEmail(owner) != nil {
 		return "", nil // handleNew refuses such a document before creating anything
 	}
 	if raw, ok := rawField(doc, FieldName); !ok || json.Unmarshal(raw, &name) != nil || CheckName(name) != nil {
@@ -650,8 +650,8 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 	want := map[placed]subscription{}
 	if len(roles) > 0 {
 		_, err := workflow.FindEach(ctx, c.opts.DB,
-			map[string]any{"type": devices.DocType, "state": devices.StateActive},
-			[]string{"_id", devices.FieldOwnerRole, devices.FieldCouchUser, devices.FieldPairingMode},
+			map[string]any{"type": identity.DeviceType, "state": identity.StateActive},
+			[]string{"_id", identity.FieldOwnerRole, identity.FieldCouchUser, identity.FieldPairingMode},
 			func(raw json.RawMessage) error {
 				var d struct {
 					ID        string `json:"_id"`
@@ -670,7 +670,7 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 					s.URL = c.opts.PublicURL + "/" + database
 				}
 				where := control
-				if c.opts.UserDBs && d.Mode == devices.PairingUsers {
+				if c.opts.UserDBs && d.Mode == identity.PairingUsers {
 					where = userDBOfRole(d.OwnerRole)
 				}
 				want[placed{where, s.ID}] = s
@@ -759,15 +759,8 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 // placed is a subscription document's database and id.
 type placed struct{ db, id string }
 
-// userDBOfRole is the control database of the owner whose role is role
-// (devices.UserDBName, from the role rather than the address).
-func userDBOfRole(role string) string {
-	hexPart, ok := strings.CutPrefix(role, "owner-")
-	if !ok || hexPart == "" {
-		return ""
-	}
-	return devices.UserDBPrefix + hexPart
-}
+// userDBOfRole is the control database of the owner whose role is role.
+func userDBOfRole(role string) string { return identity.UserDBOfRole(role) }
 
 // previousRoles are the member roles the last reconcile recorded: their
 // owners' control databases may hold subscriptions to take back.

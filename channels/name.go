@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/docstate/docstate/internal/dbname"
 	"strings"
 	"unicode/utf8"
 )
@@ -12,7 +13,6 @@ import (
 // Database names in CouchDB start with a lowercase letter and hold only
 // lowercase letters, digits and _$()+-/, at most 238 characters.
 const (
-	maxDBNameLen = 238
 	// maxNameLen bounds the channel name a user types (bytes).
 	maxNameLen = 200
 	// slugLen is how much of the name shows in the database name, to make
@@ -22,28 +22,15 @@ const (
 	hashLen = 32
 )
 
-// CheckPrefix reports whether prefix can start channel database names.
-func CheckPrefix(prefix string) error {
-	if prefix == "" {
-		return errors.New("prefix is empty")
-	}
-	if prefix[0] < 'a' || prefix[0] > 'z' {
-		return fmt.Errorf("prefix %q must start with a lowercase letter", prefix)
-	}
-	if len(prefix)+slugLen+1+hashLen > maxDBNameLen {
-		return fmt.Errorf("prefix %q is too long: at most %d bytes", prefix, maxDBNameLen-slugLen-1-hashLen)
-	}
-	for i := range len(prefix) {
-		if !dbNameByte(prefix[i]) {
-			return fmt.Errorf("prefix %q may hold only a-z, 0-9 and _$()+-/", prefix)
-		}
-	}
-	return nil
-}
+// The prefix check in package dbname counts on these lengths: this fails to
+// compile (a negative constant converted to uint) when they drift apart.
+const _ = uint(dbname.DerivedLen-(slugLen+1+hashLen)) + uint(slugLen+1+hashLen-dbname.DerivedLen)
 
-func dbNameByte(c byte) bool {
-	return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || strings.IndexByte("_$()+-/", c) >= 0
-}
+// CheckPrefix reports whether prefix can start channel database names
+// (dbname.CheckPrefix).
+func CheckPrefix(prefix string) error { return dbname.CheckPrefix(prefix) }
+
+func dbNameByte(c byte) bool { return dbname.NameByte(c) }
 
 // CheckName reports whether a channel name as typed is acceptable: 1 to
 // 200 bytes of valid UTF-8 without control characters. Anything else goes:

@@ -14,8 +14,8 @@ import (
 
 	kivik "github.com/go-kivik/kivik/v4"
 
-	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/identity"
 	"github.com/docstate/docstate/workflow"
 )
 
@@ -88,15 +88,15 @@ const (
 // RegisterUserDBs registers the handlers of the per-owner control
 // databases: requests, channel documents, and the activation of a device
 // (its device_info entry), which brings the channels its owner is invited
-// to. For the supervisor over devices.UserDBPrefix + "*" that
-// devices.Followers runs (FollowerOptions.Handlers).
+// to. For the supervisor over identity.UserDBPrefix + "*" that
+// devices.Followers runs (devices.FollowerOptions.Handlers).
 func (c *Channels) RegisterUserDBs(reg *workflow.Registry) error {
 	for _, s := range []workflow.Spec{
 		{Type: RequestType, State: StateRequested, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleRequest)},
 		{Type: DocType, State: StateNew, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleUserChannel)},
 		{Type: DocType, State: StateReady, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleUserChannel)},
 		{Type: DocType, State: StateDeleting, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleUserDeleting)},
-		{Type: devices.DeviceInfoType, State: devices.StateActive, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleDeviceActive)},
+		{Type: identity.DeviceInfoType, State: identity.StateActive, Mode: workflow.Safe, Handler: workflow.HandlerFunc(c.handleDeviceActive)},
 	} {
 		if err := reg.Register(s); err != nil {
 			return fmt.Errorf("channels: %w", err)
@@ -105,20 +105,8 @@ func (c *Channels) RegisterUserDBs(reg *workflow.Registry) error {
 	return nil
 }
 
-// roleOfUserDB is the owner role whose control database name is: the
-// inverse of devices.UserDBName, from the name alone.
-func roleOfUserDB(name string) (string, bool) {
-	hexPart, ok := strings.CutPrefix(name, devices.UserDBPrefix)
-	if !ok || len(hexPart) != 40 {
-		return "", false
-	}
-	for i := range len(hexPart) {
-		if !(hexPart[i] >= '0' && hexPart[i] <= '9' || hexPart[i] >= 'a' && hexPart[i] <= 'f') {
-			return "", false
-		}
-	}
-	return "owner-" + hexPart, true
-}
+// roleOfUserDB is the owner role whose control database is name.
+func roleOfUserDB(name string) (string, bool) { return identity.RoleOfUserDB(name) }
 
 // CheckSlug reports whether s can name a channel in an owner's control
 // database: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit.
@@ -200,7 +188,7 @@ func (c *Channels) parseRequest(doc *workflow.Doc) (request, error) {
 			if len(m) == 0 || m[0] != '"' || json.Unmarshal(m, &s) != nil {
 				return r, fmt.Errorf("members[%d] must be a string", i)
 			}
-			if err := devices.CheckEmail(s); err != nil {
+			if err := identity.CheckEmail(s); err != nil {
 				return r, fmt.Errorf("members[%d] %w", i, err)
 			}
 			r.members = append(r.members, strings.ToLower(s))
@@ -367,7 +355,7 @@ type userChannel struct {
 func (u userChannel) roles() []string {
 	out := []string{u.role}
 	for _, m := range u.members {
-		out = append(out, devices.OwnerRole(m))
+		out = append(out, identity.OwnerRole(m))
 	}
 	slices.Sort(out)
 	return slices.Compact(out)

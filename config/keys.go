@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/docstate/docstate/channels"
+	"github.com/docstate/docstate/internal/dbname"
 )
 
 // envPrefix starts the environment variable of every key.
@@ -432,7 +432,7 @@ func keyTable() []key {
 		newKey("channels.prefix",
 			"start of every channel database name: a lowercase letter, then a-z 0-9 _$()+-/; at most 173 bytes",
 			func(c *Config) *string { return &c.Channels.Prefix }, stringCodec(),
-			func(_ *Config, v string) error { return channels.CheckPrefix(v) }),
+			func(_ *Config, v string) error { return dbname.CheckPrefix(v) }),
 		newKey("channels.public_url",
 			"server URL as devices reach it, written into subscriptions as <url>/<database>; empty = database name only",
 			func(c *Config) *string { return &c.Channels.PublicURL }, stringCodec(), checkBaseURL),

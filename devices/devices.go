@@ -8,9 +8,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/docstate/docstate/internal/identity"
 	htmltemplate "html/template"
 	"log/slog"
-	"net/mail"
 	"net/url"
 	"os"
 	"strconv"
@@ -282,16 +282,10 @@ func equalHex(a, b string) bool {
 }
 
 // OwnerRole is the CouchDB role every device of owner gets, and the role a
-// channel database's _security lists to admit the owner's devices. It is
-// "owner-" + the first 40 hex digits of SHA-256 over a fixed prefix and the
-// lower-cased address: stable (no key to rotate), and not the address
-// itself, which would show in every _security object. It is unkeyed, so
-// someone who can read a _security object and guesses an address can
-// confirm the guess; it carries no access by itself.
-func OwnerRole(owner string) string {
-	sum := sha256.Sum256([]byte("docstate-owner\x00" + strings.ToLower(owner)))
-	return "owner-" + hex.EncodeToString(sum[:20])
-}
+// channel database's _security lists to admit the owner's devices
+// (identity.OwnerRole: "owner-" and 40 hex digits of a hash of the
+// lower-cased address, never the address itself).
+func OwnerRole(owner string) string { return identity.OwnerRole(owner) }
 
 // UserName is the CouchDB user name of a device: "device-" + 40 hex digits
 // of SHA-256 over the device document id and the device's own salt, so that
@@ -304,34 +298,8 @@ func UserName(docID, salt string) string {
 
 // CheckEmail accepts a bare ASCII address as net/mail parses it: no display
 // name, no comments, no spaces or control characters (header injection),
-// at most 254 bytes.
-func CheckEmail(s string) error {
-	if s == "" {
-		return errors.New("is empty")
-	}
-	if len(s) > maxEmailLen {
-		return fmt.Errorf("is %d bytes, more than %d", len(s), maxEmailLen)
-	}
-	for i := range len(s) {
-		if c := s[i]; c <= ' ' || c >= 0x7f {
-			return fmt.Errorf("contains a control, space or non-ASCII character at byte %d", i)
-		}
-	}
-	a, err := mail.ParseAddress(s)
-	if err != nil {
-		return fmt.Errorf("is not an email address: %w", err)
-	}
-	if a.Name != "" || a.Address != s {
-		return errors.New("must be a bare address, without name or angle brackets")
-	}
-	at := strings.LastIndexByte(s, '@')
-	if at < 1 || at > 64 || at == len(s)-1 {
-		return errors.New("is not an email address: bad local part or domain")
-	}
-	return nil
-}
-
-const maxEmailLen = 254
+// at most 254 bytes (identity.CheckEmail).
+func CheckEmail(s string) error { return identity.CheckEmail(s) }
 
 func itoa(n int) string { return strconv.Itoa(n) }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/docstate/docstate/internal/identity"
 	"slices"
 	"strings"
 	"time"
@@ -36,7 +37,7 @@ const (
 	// documents into a shared control database (see doc.go).
 	PairingControl = "control"
 	// PairingUsers pairs devices through their own _users documents.
-	PairingUsers = "users"
+	PairingUsers = identity.PairingUsers
 )
 
 // Names of the users mode.
@@ -57,15 +58,15 @@ const (
 	// count one attempt twice.
 	FieldMirroredRev = "mirrored_rev"
 	// FieldPairingMode marks trusted device documents of the users mode.
-	FieldPairingMode = "pairing_mode"
+	FieldPairingMode = identity.FieldPairingMode
 
 	trustedPrefix = "device:"
 	// UserDBPrefix starts the name of every per-owner control database.
-	UserDBPrefix = "userctl-"
+	UserDBPrefix = identity.UserDBPrefix
 	// DeviceInfoType is the type of the device list entries in a per-owner
 	// control database; RevokeRequestType of a device's request to revoke
 	// another (or itself) there.
-	DeviceInfoType    = "device_info"
+	DeviceInfoType    = identity.DeviceInfoType
 	RevokeRequestType = "revoke_request"
 )
 
@@ -75,18 +76,10 @@ func TrustedID(user string) string { return trustedPrefix + user }
 
 // UserDBName is owner's private control database: "userctl-" and the 40 hex
 // digits of OwnerRole, so the address is in no database name.
-func UserDBName(owner string) string {
-	return UserDBPrefix + strings.TrimPrefix(OwnerRole(owner), "owner-")
-}
+func UserDBName(owner string) string { return identity.UserDBName(owner) }
 
 // roleOfUserDB returns the owner role a per-owner control database admits.
-func roleOfUserDB(db string) (string, bool) {
-	hexPart, ok := strings.CutPrefix(db, UserDBPrefix)
-	if !ok || len(hexPart) != 40 || !isLowerHex(hexPart) {
-		return "", false
-	}
-	return "owner-" + hexPart, true
-}
+func roleOfUserDB(db string) (string, bool) { return identity.RoleOfUserDB(db) }
 
 // pairingRequest is what a device writes under "pairing".
 type pairingRequest struct {

@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/docstate/docstate/internal/identity"
 	"unicode"
 	"unicode/utf8"
 
@@ -12,10 +13,10 @@ import (
 
 // Document type and states.
 const (
-	DocType         = "device"
+	DocType         = identity.DeviceType
 	StateNew        = "new"
 	StateConfirming = "confirming"
-	StateActive     = "active"
+	StateActive     = identity.StateActive
 	StateExpired    = "expired"
 	StateLocked     = "locked"
 	StateRevoked    = "revoked"
@@ -45,8 +46,8 @@ const (
 	FieldSendDelayed      = "send_delayed"
 	FieldConfirmLink      = "confirm_link"
 	FieldReason           = "reason"
-	FieldCouchUser        = "couch_user"
-	FieldOwnerRole        = "owner_role"
+	FieldCouchUser        = identity.FieldCouchUser
+	FieldOwnerRole        = identity.FieldOwnerRole
 	FieldActivatedAt      = "activated_at"
 	FieldRevokedAt        = "revoked_at"
 )
