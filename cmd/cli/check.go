@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/docstate/docstate/config"
+	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
 )
@@ -264,7 +265,7 @@ func checkAdmin(ctx context.Context, rep *checkReport, cfg config.Config, client
 
 // checkSMTP opens a session with the relay as a registration mail would.
 func checkSMTP(ctx context.Context, rep *checkReport, cfg config.Config, env Env) {
-	m, err := newSMTPMailer(cfg, env.Logger)
+	m, err := handlers.NewSMTPMailer(cfg, env.Logger)
 	if err != nil {
 		rep.add("smtp", checkFail, "%v", err)
 		return

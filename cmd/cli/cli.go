@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -17,28 +16,10 @@ import (
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/couch"
-	"github.com/docstate/docstate/internal/metrics"
-	"github.com/docstate/docstate/workflow"
 )
 
-// Env is what handler sets are built from: the loaded configuration and
-// the resources made from it.
-type Env struct {
-	Config config.Config
-	Client *kivik.Client
-	DB     *kivik.DB
-	Logger *slog.Logger
-	// Mux is served on http.listen; sets mount their pages on it (the
-	// device confirmation link).
-	Mux *http.ServeMux
-	// PublicMux is served on http.public_listen: pages that devices and
-	// their owners reach (the device confirmation page). Nil when off.
-	PublicMux *http.ServeMux
-
-	// metrics is the daemon's Prometheus instrumentation (nil in commands
-	// that serve none).
-	metrics *metrics.Metrics
-}
+// Env is what handler sets are built from (handlers.Env).
+type Env = handlers.Env
 
 // Options customise the command line.
 type Options struct {
@@ -61,35 +42,8 @@ type Options struct {
 }
 
 // Builtin returns docstate's built-in handler sets that the configuration
-// enables: device registration with devices.enabled, per-user channels
-// with channels.enabled.
-func Builtin(env Env) ([]handlers.Set, error) {
-	var sets []handlers.Set
-	var ch *channelSet
-	var userDBHandlers []func(*workflow.Registry) error
-	if env.Config.Channels.Enabled {
-		c, err := newChannels(env)
-		if err != nil {
-			return nil, err
-		}
-		ch = &c
-		// Devices paired through their own users ask for channels by
-		// replication into their owner's control database, which the
-		// device set's followers watch.
-		userDBHandlers = append(userDBHandlers, c.RegisterUserDBs)
-	}
-	if env.Config.Devices.Enabled {
-		d, err := newDevices(env, userDBHandlers)
-		if err != nil {
-			return nil, err
-		}
-		sets = append(sets, d)
-	}
-	if ch != nil {
-		sets = append(sets, *ch)
-	}
-	return sets, nil
-}
+// enables (handlers.Builtin).
+func Builtin(env Env) ([]handlers.Set, error) { return handlers.Builtin(env) }
 
 // Main runs the command line with os.Args and returns the exit code.
 func Main(opts Options) int {

@@ -119,34 +119,14 @@ func runUntilReload(ctx context.Context, cfg config.Config, g *globals, opts Opt
 	return next, nil
 }
 
-// EngineOptions maps the configuration onto the engine's options.
-func EngineOptions(cfg config.Config) workflow.Options {
-	e := cfg.Engine
-	return workflow.Options{
-		Name:               e.Name,
-		Owner:              e.Owner,
-		Workers:            e.Workers,
-		BatchSize:          e.BatchSize,
-		BatchLinger:        e.BatchLinger,
-		HandlerTimeout:     e.HandlerTimeout,
-		Lease:              e.Lease,
-		MaxAttempts:        e.MaxAttempts,
-		RetryBase:          e.RetryBase,
-		RetryMax:           e.RetryMax,
-		FeedTimeout:        e.FeedTimeout,
-		FeedHeartbeat:      e.FeedHeartbeat,
-		FeedBatch:          e.FeedBatch,
-		FeedLinger:         e.FeedLinger,
-		MaxPending:         e.MaxPending,
-		MaxDocBytes:        e.MaxDocBytes,
-		MaxPendingBytes:    e.MaxPendingBytes,
-		CheckpointInterval: e.CheckpointInterval,
-		ResyncInterval:     e.ResyncInterval,
-		NoStartScan:        !e.FullResyncOnStart,
-		DrainTimeout:       e.DrainTimeout,
-		Members:            e.Members,
-		MemberLease:        e.MemberLease,
-	}
+// EngineOptions maps the configuration onto the engine's options
+// (handlers.EngineOptions).
+func EngineOptions(cfg config.Config) workflow.Options { return handlers.EngineOptions(cfg) }
+
+// SupervisorOptions maps the configuration onto the supervisor's options
+// (handlers.SupervisorOptions); false when no patterns are set.
+func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
+	return handlers.SupervisorOptions(cfg)
 }
 
 // follower is what run drives: one engine on the database, or in
@@ -162,23 +142,6 @@ var (
 	_ follower = (*workflow.Supervisor)(nil)
 )
 
-// SupervisorOptions maps the configuration onto many-database mode's
-// options; ok is false in single-database mode.
-func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
-	d := cfg.Databases
-	patterns := d.PatternList()
-	return workflow.SupervisorOptions{
-		Patterns:          patterns,
-		MaxOpen:           d.MaxOpen,
-		DiscoveryInterval: d.DiscoveryInterval,
-		IdleStop:          d.IdleStop,
-		Turn:              d.Turn,
-		Shard:             d.Shard,
-		Shards:            d.Shards,
-		Engine:            EngineOptions(cfg),
-	}, len(patterns) > 0
-}
-
 // build makes the handler sets, registry and follower for cfg.
 func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.Registry, follower, error) {
 	sets, err := opts.Sets(env)
@@ -191,9 +154,9 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 	}
 	eopts := EngineOptions(cfg)
 	eopts.Logger = env.Logger
-	if env.metrics != nil {
-		eopts.OnRun = env.metrics.OnRun
-		eopts.OnFlush = env.metrics.OnFlush
+	if env.Metrics != nil {
+		eopts.OnRun = env.Metrics.OnRun
+		eopts.OnFlush = env.Metrics.OnFlush
 	}
 	if sopts, many := SupervisorOptions(cfg); many {
 		sopts.Engine = eopts
@@ -290,7 +253,7 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 		public = http.NewServeMux()
 	}
 	m := metrics.New(version(), metrics.WithEngine(cfg.Engine.Name))
-	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux, PublicMux: public, metrics: m}
+	env := Env{Config: cfg, Client: client, DB: db, Logger: log, Mux: mux, PublicMux: public, Metrics: m}
 	sets, reg, eng, err := build(cfg, opts, env)
 	if err != nil {
 		return err

@@ -1,4 +1,4 @@
-package cli
+package handlers
 
 import (
 	"context"
@@ -7,7 +7,6 @@ import (
 
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/devices"
-	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/metrics"
 	"github.com/docstate/docstate/workflow"
 )
@@ -23,10 +22,10 @@ type deviceSet struct {
 }
 
 var (
-	_ handlers.Set         = deviceSet{}
-	_ handlers.Provisioner = deviceSet{}
-	_ handlers.Runner      = deviceSet{}
-	_ handlers.Repairer    = deviceSet{}
+	_ Set         = deviceSet{}
+	_ Provisioner = deviceSet{}
+	_ Runner      = deviceSet{}
+	_ Repairer    = deviceSet{}
 )
 
 // Run follows _users and the owners' control databases in the users
@@ -94,13 +93,13 @@ func newDevices(env Env, userDBHandlers []func(*workflow.Registry) error) (devic
 	if err != nil {
 		return deviceSet{}, fmt.Errorf("devices.secret_file: %w", err)
 	}
-	smtp, err := newSMTPMailer(cfg, env.Logger)
+	smtp, err := NewSMTPMailer(cfg, env.Logger)
 	if err != nil {
 		return deviceSet{}, err
 	}
 	var mailer devices.Mailer = smtp
-	if env.metrics != nil {
-		mailer = countingMailer{Mailer: smtp, count: env.metrics.EmailSent}
+	if env.Metrics != nil {
+		mailer = countingMailer{Mailer: smtp, count: env.Metrics.EmailSent}
 	}
 	var tmpl *devices.Templates
 	if cfg.Devices.TemplatesDir != "" {
@@ -135,8 +134,8 @@ func newDevices(env Env, userDBHandlers []func(*workflow.Registry) error) (devic
 	if cfg.Devices.Pairing == devices.PairingUsers {
 		eo := EngineOptions(cfg)
 		eo.Logger = env.Logger
-		if env.metrics != nil {
-			eo.OnRun = env.metrics.OnRun
+		if env.Metrics != nil {
+			eo.OnRun = env.Metrics.OnRun
 		}
 		so, _ := SupervisorOptions(cfg)
 		if followers, err = d.NewFollowers(devices.FollowerOptions{Engine: eo, Supervisor: so, HealInterval: cfg.Devices.HealInterval, Handlers: userDBHandlers}); err != nil {
@@ -149,9 +148,9 @@ func newDevices(env Env, userDBHandlers []func(*workflow.Registry) error) (devic
 	return deviceSet{Devices: d, env: env, followers: followers}, nil
 }
 
-// newSMTPMailer builds the mailer the device set sends with; check dials
+// NewSMTPMailer builds the mailer the device set sends with; check dials
 // it.
-func newSMTPMailer(cfg config.Config, log *slog.Logger) (*devices.SMTPMailer, error) {
+func NewSMTPMailer(cfg config.Config, log *slog.Logger) (*devices.SMTPMailer, error) {
 	m, err := devices.NewSMTPMailer(devices.SMTPConfig{
 		Host:        cfg.SMTP.Host,
 		Port:        cfg.SMTP.Port,

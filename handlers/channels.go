@@ -1,16 +1,15 @@
-package cli
+package handlers
 
 import (
 	"fmt"
 
 	"github.com/docstate/docstate/channels"
-	"github.com/docstate/docstate/handlers"
 )
 
 // channelSet is the per-user channels handler set, as the daemon runs it.
 type channelSet struct{ *channels.Channels }
 
-var _ handlers.Set = channelSet{}
+var _ Set = channelSet{}
 
 func (channelSet) Name() string { return "channels" }
 
@@ -40,9 +39,9 @@ func newChannels(env Env) (channelSet, error) {
 		opts.Replicator = channels.Replicator{URL: env.Config.CouchDB.URL,
 			Username: env.Config.CouchDB.Username, Password: env.Config.CouchDB.Password}
 	}
-	if env.metrics != nil {
-		opts.OnProvisioned = env.metrics.ChannelProvisioned
-		opts.OnSeed = env.metrics.ChannelSeed
+	if env.Metrics != nil {
+		opts.OnProvisioned = env.Metrics.ChannelProvisioned
+		opts.OnSeed = env.Metrics.ChannelSeed
 	}
 	c, err := channels.New(opts)
 	if err != nil {
