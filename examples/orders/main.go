@@ -50,8 +50,8 @@ func main() {
 	os.Exit(cli.Main(cli.Options{
 		Revision: revision,
 		Modified: modified,
-		Sets: func(env cli.Env) ([]handlers.Set, error) {
-			sets, err := cli.Builtin(env)
+		Sets: func(env handlers.Env) ([]handlers.Set, error) {
+			sets, err := handlers.Builtin(env)
 			return append(sets, orders{}), err
 		},
 	}))

@@ -70,8 +70,8 @@ func main() {
 		os.Exit(2)
 	}
 	os.Exit(cli.Main(cli.Options{
-		Sets: func(env cli.Env) ([]handlers.Set, error) {
-			sets, err := cli.Builtin(env)
+		Sets: func(env handlers.Env) ([]handlers.Set, error) {
+			sets, err := handlers.Builtin(env)
 			return append(sets, jobs{ledger: ledger}), err
 		},
 	}))
