@@ -5,9 +5,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/docstate/docstate/internal/dbname"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/docstate/docstate/internal/dbname"
 )
 
 // Database names in CouchDB start with a lowercase letter and hold only
