@@ -36,7 +36,7 @@ func (c *Channels) handleDeviceActive(ctx context.Context, doc *workflow.Doc) (w
 	}
 	unlock := c.lockRole(role)
 	defer unlock()
-	if err := c.syncMember(ctx, role); err != nil {
+	if err := c.syncMember(ctx, role, nil); err != nil {
 		return workflow.Result{}, err
 	}
 	return workflow.Stay(), nil
@@ -72,10 +72,11 @@ func (c *Channels) inviteOne(ctx context.Context, role string, change func(map[s
 	// The database is synced whether or not the list changed: a run
 	// repeated after a crash between the list's write and the sync finds
 	// the list already right.
-	if _, err := c.updateInvites(ctx, role, change); err != nil {
+	list, err := c.updateInvites(ctx, role, change)
+	if err != nil {
 		return err
 	}
-	return c.syncMember(ctx, role)
+	return c.syncMember(ctx, role, &list)
 }
 
 // lockRole takes role's stripe of the daemon's role locks.
@@ -110,28 +111,29 @@ func (c *Channels) readInvites(ctx context.Context, role string) (invitesDoc, er
 
 // updateInvites changes role's invitation list with change, and writes it
 // when it changed (compare-and-swap, redone on conflict).
-func (c *Channels) updateInvites(ctx context.Context, role string, change func(map[string]invite)) (bool, error) {
+// It returns the list as it now stands, with its revision.
+func (c *Channels) updateInvites(ctx context.Context, role string, change func(map[string]invite)) (invitesDoc, error) {
 	for range writeTries {
 		d, err := c.readInvites(ctx, role)
 		if err != nil {
-			return false, err
+			return d, err
 		}
 		before := maps.Clone(d.Channels)
 		change(d.Channels)
-		if maps.Equal(before, d.Channels) {
-			return false, nil
+		if maps.Equal(before, d.Channels) || d.Rev == "" && len(d.Channels) == 0 {
+			d.Channels = before
+			return d, nil
 		}
-		if d.Rev == "" && len(d.Channels) == 0 {
-			return false, nil
-		}
-		if _, err := c.opts.DB.Put(ctx, d.ID, d); couch.IsConflict(err) {
+		rev, err := c.opts.DB.Put(ctx, d.ID, d)
+		if couch.IsConflict(err) {
 			continue
 		} else if err != nil {
-			return false, fmt.Errorf("write %s: %w", d.ID, err)
+			return d, fmt.Errorf("write %s: %w", d.ID, err)
 		}
-		return true, nil
+		d.Rev = rev
+		return d, nil
 	}
-	return false, fmt.Errorf("write %s%s: kept conflicting", invitesPrefix, role)
+	return invitesDoc{}, fmt.Errorf("write %s%s: kept conflicting", invitesPrefix, role)
 }
 
 // memberSubscription is what a member's devices read, in their own
@@ -155,16 +157,24 @@ type memberSubscription struct {
 // it changed meanwhile, so that of two syncs racing on one database
 // (an invitation and another's removal, on two daemons) the last one
 // writes from the newest list.
-func (c *Channels) syncMember(ctx context.Context, role string) error {
+//
+// known, when set, is the list as just read or written, which saves the
+// first read.
+func (c *Channels) syncMember(ctx context.Context, role string, known *invitesDoc) error {
 	udb := userDBOfRole(role)
 	if udb == "" {
 		return nil
 	}
 	db := c.opts.Client.DB(udb)
 	for range writeTries {
-		inv, err := c.readInvites(ctx, role)
-		if err != nil {
-			return err
+		var inv invitesDoc
+		if known != nil {
+			inv, known = *known, nil
+		} else {
+			var err error
+			if inv, err = c.readInvites(ctx, role); err != nil {
+				return err
+			}
 		}
 		have := map[string]memberSubscription{}
 		rows := db.AllDocs(ctx, kivik.Params(map[string]any{

@@ -195,26 +195,43 @@ func (c *Channels) handleUserChannel(ctx context.Context, doc *workflow.Doc) (wo
 		return workflow.Transition(StateDeleting), nil
 	}
 	name := c.UserChannelDB(u.role, u.slug)
-	if err := c.opts.Client.CreateDB(ctx, name); err != nil && !couch.IsPreconditionFailed(err) {
-		return workflow.Result{}, fmt.Errorf("create database %s: %w", name, err)
-	}
 	db := c.opts.Client.DB(name)
 	ref := doc.DB().Name() + "/" + doc.ID
-	if err := c.claimInfo(ctx, db, ref, u.name, u.role); err != nil {
-		return workflow.Result{}, err
-	}
 	roles := u.roles()
-	if err := ensureSecurity(ctx, db, roles); err != nil {
-		return workflow.Result{}, err
-	}
 	var state string
 	_, _ = doc.Field("state", &state)
+	prev := previousRoles(doc)
+	inLine := state == StateReady && slices.Equal(prev, roles) && u.synced == u.name
+	// A channel in line is rechecked with one read, its _security; only a
+	// database found gone is provisioned again.
+	provision := true
+	if inLine {
+		err := ensureSecurity(ctx, db, roles)
+		switch {
+		case err == nil:
+			provision = false
+		case !couch.IsNotFound(err):
+			return workflow.Result{}, err
+		default:
+			c.log.Warn("channel database gone; provisioning it again", "id", ref, "database", name)
+		}
+	}
+	if provision {
+		if err := c.opts.Client.CreateDB(ctx, name); err != nil && !couch.IsPreconditionFailed(err) {
+			return workflow.Result{}, fmt.Errorf("create database %s: %w", name, err)
+		}
+		if err := c.claimInfo(ctx, db, ref, u.name, u.role); err != nil {
+			return workflow.Result{}, err
+		}
+		if err := ensureSecurity(ctx, db, roles); err != nil {
+			return workflow.Result{}, err
+		}
+	}
 	sd, recheck, err := c.seedOf(ctx, u, name)
 	if err != nil {
 		return workflow.Result{}, err
 	}
-	prev := previousRoles(doc)
-	if state == StateReady && slices.Equal(prev, roles) && u.synced == u.name {
+	if inLine {
 		if sd == u.seed {
 			return workflow.Stay().RecheckAfter(recheck), nil
 		}
