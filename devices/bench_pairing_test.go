@@ -179,6 +179,7 @@ func BenchmarkPairing(b *testing.B) {
 		})
 	}
 	swg.Wait()
+	signups := float64(n) / time.Since(began).Seconds()
 
 	// Active is when the trusted document says so.
 	deadline := time.Now().Add(30 * time.Minute)
@@ -233,6 +234,7 @@ func BenchmarkPairing(b *testing.B) {
 	pct := func(d []time.Duration, p int) float64 { return float64(d[len(d)*p/100].Milliseconds()) }
 	b.ReportMetric(float64(n)/elapsed.Seconds(), "pairings/s")
 	b.ReportMetric(raw, "raw-put/s")
+	b.ReportMetric(signups, "signups/s")
 	b.ReportMetric(pct(toMail, 50), "mail-p50-ms")
 	b.ReportMetric(pct(toMail, 99), "mail-p99-ms")
 	b.ReportMetric(pct(toActive, 50), "active-p50-ms")
