@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"slices"
@@ -182,6 +183,9 @@ func runChecks(cmd *cobra.Command, g *globals, opts Options) checkReport {
 	if cfg.Devices.Enabled {
 		checkSMTP(ctx, &rep, cfg, env)
 	}
+	if cfg.Channels.Enabled {
+		checkTemplates(ctx, &rep, cfg, client)
+	}
 	if cfg.HTTP.PublicListen != "" {
 		checkListen(ctx, &rep, "http_public", cfg.HTTP.PublicListen)
 	}
@@ -261,6 +265,31 @@ func checkAdmin(ctx context.Context, rep *checkReport, cfg config.Config, client
 		return
 	}
 	rep.add("admin", checkOK, "user %q is a server admin", s.Name)
+}
+
+// checkTemplates checks that every channel template database exists: a
+// channel asked for with a missing one would record its seed as failed.
+func checkTemplates(ctx context.Context, rep *checkReport, cfg config.Config, client *kivik.Client) {
+	templates, err := cfg.Channels.TemplateMap()
+	if err != nil || len(templates) == 0 {
+		return // Load refused a malformed list; none is nothing to check
+	}
+	var missing []string
+	for _, name := range slices.Sorted(maps.Keys(templates)) {
+		ok, err := client.DBExists(ctx, templates[name])
+		if err != nil {
+			rep.add("templates", checkFail, "cannot check template %s (%s): %v", name, templates[name], err)
+			return
+		}
+		if !ok {
+			missing = append(missing, name+"="+templates[name])
+		}
+	}
+	if len(missing) > 0 {
+		rep.add("templates", checkWarn, "template databases missing: %s (channels asked for with them record seed failed)", strings.Join(missing, ", "))
+		return
+	}
+	rep.add("templates", checkOK, "%d template databases found", len(templates))
 }
 
 // checkSMTP opens a session with the relay as a registration mail would.

@@ -141,3 +141,22 @@ func builtin(t *testing.T, stdoutOnly bool, args ...string) (string, error) {
 	}
 	return out.String(), err
 }
+
+// TestCheckFindsMissingTemplates: a channel template whose database does
+// not exist is a warning naming it; existing ones are counted.
+func TestCheckFindsMissingTemplates(t *testing.T) {
+	admin := couchtest.Client(t)
+	db := couchtest.NewDB(t, admin)
+	tmpl := couchtest.NewDB(t, admin)
+	cfg := writeConfig(t, db.Name(), fmt.Sprintf("channels:\n  enabled: true\n  templates: \"starter=%s,gone=%s-missing\"\n", tmpl.Name(), tmpl.Name()))
+	out, _ := executeStdout(t, nil, "check", "--config", cfg, "--json")
+	c := parseCheck(t, out)
+	if got := c.status("templates"); !strings.HasPrefix(got, "warn: template databases missing: gone="+tmpl.Name()+"-missing") {
+		t.Fatalf("templates: %s\n%s", got, out)
+	}
+	cfg = writeConfig(t, db.Name(), fmt.Sprintf("channels:\n  enabled: true\n  templates: \"starter=%s\"\n", tmpl.Name()))
+	out, _ = executeStdout(t, nil, "check", "--config", cfg, "--json")
+	if got := parseCheck(t, out).status("templates"); got != "ok: 1 template databases found" {
+		t.Fatalf("templates: %s\n%s", got, out)
+	}
+}
