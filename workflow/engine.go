@@ -115,6 +115,17 @@ type Options struct {
 	Members     bool
 	MemberLease time.Duration
 
+	// FeedWithoutBodies reads the changes feed as rows alone (id and leaf
+	// revisions) and fetches, with one _bulk_get per feed answer, only the
+	// bodies of the rows this engine will run: not another member's, not
+	// its own writes that have nothing left to do (see feedfetch.go). Off,
+	// the feed brings every body (include_docs). On PouchDB Server it
+	// measured no gain (that server reads every body for the feed anyway,
+	// and a request costs it more than a small body does); it is meant for
+	// CouchDB, where a body is a read the feed otherwise makes for every
+	// daemon. Default off.
+	FeedWithoutBodies bool
+
 	// PassStateless passes over documents of a handled type that have no
 	// state field, recording nothing on them, instead of marking them
 	// invalid. For databases that also hold other programs' documents of
@@ -259,6 +270,9 @@ type Engine struct {
 	// rechecks holds the ids whose handler asked for an in-memory recheck
 	// (Result.RecheckAfter): their next run is not skipped as settled.
 	rechecks sync.Map
+	// ownRevs holds the revisions this engine wrote until their feed rows
+	// come (see feedfetch.go).
+	ownRevs *ownRevs
 	// members is the live membership when Options.Members is set, else nil.
 	members *members
 	// stopping is closed when the engine starts to drain: claims waiting
@@ -314,6 +328,7 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 
 		handlerSlots: make(chan struct{}, opts.Workers),
 		ahead:        newAheadGate(opts.Workers, opts.BatchSize),
+		ownRevs:      newOwnRevs(max(2*opts.MaxPending, maxOwnWrites)),
 	}
 	e.setBudget(newByteBudget(int64(opts.MaxPendingBytes)))
 	if opts.BatchSize > 1 {
@@ -579,6 +594,9 @@ type Stats struct {
 	FeedRequests     int64 // feed requests answered, longpolls ended after FeedTimeout with nothing to report included
 	FeedErrors       int64 // feed requests failed, a longpoll without heartbeats included (each followed by a reconnect with backoff)
 	FeedResets       int64 // feed restarted from 0 because the database was re-created
+	BodyFetches      int64 // requests for the bodies of feed rows (POST _all_docs), with a feed without bodies
+	BodiesFetched    int64 // document bodies they brought
+	OwnRows          int64 // feed rows of this engine's own writes finished unread (no handler, or superseded by its later write)
 	CheckpointsSaved int64
 	ResyncQueued     int64 // ids queued by scans
 	Batches          int64 // group commit requests (_bulk_docs) sent
@@ -603,6 +621,7 @@ type counters struct {
 	batches, batchedWrites, oversized                                         atomic.Int64
 	claimsRenewed, claimsReleased, claimsWaiting                              atomic.Int64
 	claimsUnproven, claimsProven, claimsYielded                               atomic.Int64
+	fetches, fetched, ownRows                                                 atomic.Int64
 	conflictsResolved, conflictsWaiting, seqRewinds                           atomic.Int64
 }
 
@@ -623,6 +642,7 @@ func (e *Engine) Stats() Stats {
 		ClaimsRenewed: c.claimsRenewed.Load(), ClaimsReleased: c.claimsReleased.Load(),
 		ClaimsWaiting:  c.claimsWaiting.Load(),
 		ClaimsUnproven: c.claimsUnproven.Load(), ClaimsProven: c.claimsProven.Load(), ClaimsYielded: c.claimsYielded.Load(),
+		BodyFetches: c.fetches.Load(), BodiesFetched: c.fetched.Load(), OwnRows: c.ownRows.Load(),
 		BranchesRemoved: c.conflictsResolved.Load(), ConflictsWaiting: c.conflictsWaiting.Load(), SeqRewinds: c.seqRewinds.Load(),
 		Inflight: c.inflight.Load(), Queued: int64(e.q.len()),
 	}
