@@ -118,12 +118,13 @@ type Options struct {
 	// FeedWithoutBodies reads the changes feed as rows alone (id and leaf
 	// revisions) and fetches, with one _bulk_get per feed answer, only the
 	// bodies of the rows this engine will run: not another member's, not
-	// its own writes that have nothing left to do (see feedfetch.go). Off,
-	// the feed brings every body (include_docs). On PouchDB Server it
-	// measured no gain (that server reads every body for the feed anyway,
-	// and a request costs it more than a small body does); it is meant for
-	// CouchDB, where a body is a read the feed otherwise makes for every
-	// daemon. Default off.
+	// its own writes that have nothing left to do (see feedfetch.go). An
+	// engine does so anyway while it is one of several live members
+	// (Members); this makes a single engine do it too. On PouchDB Server a
+	// single engine measured no faster that way (the server reads every
+	// body for its feed anyway, and the fetch is one more request per feed
+	// answer); on CouchDB, where include_docs is a read per row, it may
+	// pay. Default off: a single engine's feed brings the bodies.
 	FeedWithoutBodies bool
 
 	// PassStateless passes over documents of a handled type that have no
@@ -271,8 +272,10 @@ type Engine struct {
 	// (Result.RecheckAfter): their next run is not skipped as settled.
 	rechecks sync.Map
 	// ownRevs holds the revisions this engine wrote until their feed rows
-	// come (see feedfetch.go).
+	// come (see feedfetch.go); fedIDs is set while the feed reads rows
+	// without bodies (only the feed goroutine uses it).
 	ownRevs *ownRevs
+	fedIDs  bool
 	// members is the live membership when Options.Members is set, else nil.
 	members *members
 	// stopping is closed when the engine starts to drain: claims waiting

@@ -142,7 +142,7 @@ func stopQuietly(t *testing.T, eng *workflowtest.Running) {
 	time.Sleep(300 * time.Millisecond)
 }
 
-// With FeedWithoutBodies, two members on one database read the feed without bodies and fetch only
+// Two members on one database read the feed without bodies and fetch only
 // the bodies of their own share: neither ever asks for a document the other
 // runs, and neither reads back the documents it moved to done.
 func TestMembersFetchOnlyTheirShareAndNotTheirOwnWrites(t *testing.T) {
@@ -163,7 +163,6 @@ func TestMembersFetchOnlyTheirShareAndNotTheirOwnWrites(t *testing.T) {
 		opts.MemberLease = 20 * time.Second
 		opts.Owner = owner
 		opts.NoStartScan = true
-		opts.FeedWithoutBodies = true
 		return workflowtest.Start(t, rdb, reg, opts), l
 	}
 	a, logA := start("member-a")

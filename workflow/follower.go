@@ -199,6 +199,12 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		"limit": strconv.Itoa(e.opts.FeedBatch),
 	}
 	idsOnly := e.idsOnly()
+	if !idsOnly && e.fedIDs {
+		// Back to bodies (a member left): what was noted of own writes
+		// must not cover a row whose body shows conflicts (process).
+		e.ownRevs.reset()
+	}
+	e.fedIDs = idsOnly
 	if idsOnly {
 		// Rows alone, each with every leaf revision: a stored conflict
 		// shows as more than one (see feedfetch.go).
