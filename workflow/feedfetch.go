@@ -145,8 +145,8 @@ func (o *ownRevs) reset() {
 
 // fetchRow is a feed row whose body the engine fetches.
 type fetchRow struct {
-	id, rev string // rev: the row's first leaf
-	tok     token
+	id  string
+	tok token
 }
 
 // sortRow decides what a row of an ids-only feed needs; it reports whether

@@ -259,7 +259,7 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		}
 		if idsOnly {
 			if tok, ok := e.sortRow(ch.ID, ch.Changes, tok); ok {
-				fetch = append(fetch, fetchRow{id: ch.ID, rev: revOf(ch.Changes), tok: tok})
+				fetch = append(fetch, fetchRow{id: ch.ID, tok: tok})
 			}
 			continue
 		}
