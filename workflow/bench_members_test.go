@@ -3,6 +3,7 @@ package workflow_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -22,6 +23,8 @@ import (
 // runs per document there were (must stay 1 for unsafe):
 //
 //	go test -run '^$' -bench Daemons -benchtime 2000x ./workflow/
+//
+// (BENCH_FEED_WITHOUT_BODIES=1: the engines run with FeedWithoutBodies.)
 //
 // The takeover case runs three members of which one is killed (it stops
 // renewing its lease, as a crashed process does) right after the documents
@@ -74,8 +77,14 @@ func daemonsRate(b *testing.B, db *kivik.DB, n, d int, mode workflow.Mode) (floa
 		opts.Members = true
 		opts.MemberLease = 3 * time.Second
 		opts.Owner = fmt.Sprintf("bench-member-%d", i)
+		// Production's intervals: with the tests' 300ms resync each
+		// daemon makes the server scan the whole database (a Mango query
+		// without index) three times a second, which alone made more
+		// daemons slower.
 		opts.CheckpointInterval = 5 * time.Second
+		opts.ResyncInterval = time.Minute
 		opts.NoStartScan = true
+		opts.FeedWithoutBodies = os.Getenv("BENCH_FEED_WITHOUT_BODIES") == "1"
 		engines = append(engines, workflowtest.Start(b, db, reg, opts))
 	}
 	workflowtest.Eventually(b, 30*time.Second, "members see each other", func() (bool, string) {

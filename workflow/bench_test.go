@@ -24,6 +24,7 @@ import (
 //
 //	go test -run '^$' -bench Transitions -benchtime 1500x ./workflow/
 //
+// (BENCH_FEED_WITHOUT_BODIES=1 runs the engines with FeedWithoutBodies)
 // and read the ratios: unsafe-x-safe (target >= 0.4), safe-x-bulk (target
 // >= 0.7 at c=16) and safe-x-put. scripts/benchguard runs it briefly in the
 // test command and fails on a ratio far below target.
@@ -111,9 +112,13 @@ func engineRateBatch(b *testing.B, db *kivik.DB, n, c int, mode workflow.Mode, b
 	if l := os.Getenv("BENCH_LINGER"); l != "" {
 		opts.FeedLinger, _ = time.ParseDuration(l)
 	}
+	opts.FeedWithoutBodies = os.Getenv("BENCH_FEED_WITHOUT_BODIES") == "1"
 	// Production's checkpoint interval: the tests' 100ms adds ten writes a
-	// second that a deployed daemon does not make.
+	// second that a deployed daemon does not make. Production's resync
+	// interval too: the tests' 300ms makes the server scan the whole
+	// database (a Mango query without index) three times a second.
 	opts.CheckpointInterval = 5 * time.Second
+	opts.ResyncInterval = time.Minute
 	opts.NoStartScan = true // the feed delivers every document; the scan would only add reads
 	b.ResetTimer()
 	startAt := time.Now()

@@ -195,11 +195,24 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 	})
 
 	params := map[string]any{
-		"since":        since,
-		"limit":        strconv.Itoa(e.opts.FeedBatch),
-		"include_docs": true,
+		"since": since,
+		"limit": strconv.Itoa(e.opts.FeedBatch),
+	}
+	idsOnly := e.idsOnly()
+	if !idsOnly && e.fedIDs {
+		// Back to bodies (a member left): what was noted of own writes
+		// must not cover a row whose body shows conflicts (process).
+		e.ownRevs.reset()
+	}
+	e.fedIDs = idsOnly
+	if idsOnly {
+		// Rows alone, each with every leaf revision: a stored conflict
+		// shows as more than one (see feedfetch.go).
+		params["style"] = "all_docs"
+	} else {
+		params["include_docs"] = true
 		// A stored conflict shows in the row's body, to be resolved.
-		"conflicts": true,
+		params["conflicts"] = true
 	}
 	if longpoll {
 		params["feed"] = "longpoll"
@@ -219,6 +232,9 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 	// the deadline, shutdown). Iterator hands out a copy of each row.
 	ans := feedAnswer{next: since}
 	var err error
+	// The rows whose bodies are fetched once the answer is read; they are
+	// queued before poll returns, whatever ended the request.
+	var fetch []fetchRow
 	for ch, iterErr := range rows.Iterator() {
 		if iterErr != nil {
 			err = iterErr
@@ -239,6 +255,12 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		ans.next = ch.Seq
 		if ch.Deleted {
 			e.tr.done([]token{tok})
+			continue
+		}
+		if idsOnly {
+			if tok, ok := e.sortRow(ch.ID, ch.Changes, tok); ok {
+				fetch = append(fetch, fetchRow{id: ch.ID, tok: tok})
+			}
 			continue
 		}
 		if len(ch.Changes) > 0 {
@@ -273,6 +295,7 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 		}
 		e.q.add(ch.ID, []byte(doc), tok.rev, tok)
 	}
+	e.fetchBodies(ctx, fetch)
 	ans.heartbeats, ans.heard = act.Wired(), act.Heard()
 	e.heartbeats.Store(ans.heartbeats)
 	if reset.Load() {
@@ -380,6 +403,8 @@ func (e *Engine) restartFeed(ctx context.Context) string {
 	e.stats.feedResets.Add(1)
 	_ = e.retry(ctx, "cannot write checkpoint in re-created database", func() error { return e.cp.restart(ctx) })
 	e.tr.reset("0")
+	// Revisions written in the old database say nothing about the new one.
+	e.ownRevs.reset()
 	e.log.Warn("feed restarted from 0 in a re-created database")
 	return "0"
 }

@@ -52,6 +52,15 @@ func (e *Engine) process(ctx context.Context, w work) {
 		out = finished
 	} else {
 		out, read = e.handle(ctx, w)
+		if e.idsOnly() {
+			// A revision this engine wrote with nothing to do here (this
+			// run's last write, often) is covered too: its feed row,
+			// arriving while the run ends, needs no second run. Only with
+			// the feed without bodies, whose rows of a conflicted document
+			// carry no generation and are never covered so: a body's
+			// _conflicts would be dropped with it.
+			read = max(read, e.ownRevs.idleGen(w.id))
+		}
 	}
 	if out.finished {
 		e.progress.Store(time.Now().UnixNano())
@@ -623,9 +632,21 @@ func (e *Engine) commit(ctx context.Context, doc *Doc, state string, set map[str
 	if err != nil {
 		return nil, "", err
 	}
+	// The feed without bodies finishes the rows of these writes unread
+	// (feedfetch.go); with bodies they are read anyway.
+	_, handled := e.specs[key{doc.Type, meta.State}]
+	claim := meta.Claim != nil && meta.Claim.Owner == e.opts.Owner
+	track := e.idsOnly()
+	if track && (!handled || claim) {
+		e.ownRevs.begin(doc.ID)
+		defer e.ownRevs.end(doc.ID)
+	}
 	sctx, st := couch.RecordStatus(ctx)
 	rev, err := e.put(sctx, doc.ID, body)
 	doc.writeCertain = st.Certain()
+	if err == nil && track {
+		e.ownRevs.add(doc.ID, rev, !handled, claim)
+	}
 	return body, rev, err
 }
 

@@ -94,6 +94,21 @@ func (q *queue) add(id string, hint []byte, hintGen int, toks ...token) {
 	}
 }
 
+// addIfBusy adds toks to id if a run of id is in progress, and reports
+// whether it did: the run's end then finishes those it covers and queues
+// id again for the others.
+func (q *queue) addIfBusy(id string, toks ...token) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e := q.items[id]
+	if e == nil || !e.processing {
+		return false
+	}
+	e.tokens = append(e.tokens, toks...)
+	e.dirty = true
+	return true
+}
+
 // get blocks until an id is ready or the queue is closed.
 func (q *queue) get() (work, bool) {
 	q.mu.Lock()

@@ -18,10 +18,11 @@ import (
 //   - a document (GET) larger than the limit is not read: a Content-Length
 //     over the limit fails at once, and a body without one fails once it
 //     passes the limit. The error is a *TooLargeError;
-//   - a _changes response is passed through a stream filter that replaces
-//     every row's "doc" larger than the limit with a small marker (see
-//     TooLargeMarker) while it streams, so a feed with include_docs holds at
-//     most one limit's worth of a row's document at a time.
+//   - a _changes, _all_docs or _bulk_get response is passed through a
+//     stream filter that replaces every row's document larger than the
+//     limit with a small marker (see TooLargeMarker) while it streams, so a
+//     feed with include_docs, or a fetch of many documents, holds at most
+//     one limit's worth of a row's document at a time.
 //
 // The limit lives in the context rather than in the client because one
 // client serves requests that must not be cut (an operator's read, a
@@ -82,8 +83,8 @@ func (t *limitTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	// The escaped path: a document id ending in "/_changes" is sent
 	// with its slash escaped, and must not be taken for a feed.
-	if strings.HasSuffix(req.URL.EscapedPath(), "/_changes") {
-		resp.Body = newChangesFilter(resp.Body, limit)
+	if rowDepth, key, ok := rowsShape(req.URL.EscapedPath()); ok {
+		resp.Body = newRowsFilter(resp.Body, limit, rowDepth, key)
 		resp.ContentLength = -1
 		resp.Header.Del("Content-Length")
 		return resp, nil
@@ -99,6 +100,20 @@ func (t *limitTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	tl.Size = 0
 	resp.Body = &limitedBody{rc: resp.Body, left: limit, err: tl}
 	return resp, nil
+}
+
+// rowsShape tells where the documents are in the answer of a request for
+// many: a _changes or _all_docs answer is an object whose array holds rows
+// with the document under "doc" (depth 3); a _bulk_get answer holds
+// results whose "docs" array holds {"ok": document} (depth 5).
+func rowsShape(escapedPath string) (rowDepth int, key string, ok bool) {
+	switch {
+	case strings.HasSuffix(escapedPath, "/_changes"), strings.HasSuffix(escapedPath, "/_all_docs"):
+		return 3, "doc", true
+	case strings.HasSuffix(escapedPath, "/_bulk_get"):
+		return 5, "ok", true
+	}
+	return 0, "", false
 }
 
 // revFromETag returns the revision CouchDB puts in a document's ETag, ""
@@ -173,16 +188,22 @@ func TooLargeSize(doc []byte) (int64, bool) {
 // value of a row's "doc" key is held back until it ends: up to the limit it
 // is passed on as it was, past the limit it is dropped as it streams and the
 // marker takes its place. Only JSON structure is tracked (nesting, strings,
-// escapes), never values decoded.
+// escapes), never values decoded. The same filter serves other answers of
+// that kind, with the rows at another depth or the document under another
+// key (rowsShape).
 type changesFilter struct {
 	src   io.ReadCloser
 	limit int64
-	in    []byte
-	out   []byte
-	outAt int
-	err   error
+	// rowDepth is the nesting of the objects that hold a document under
+	// docKey.
+	rowDepth int
+	docKey   string
+	in       []byte
+	out      []byte
+	outAt    int
+	err      error
 
-	depth    int  // nesting outside a held document: 1 top object, 2 results, 3 a row
+	depth    int  // nesting outside a held document: 1 top object, 2 results, 3 a row (for _changes)
 	inString bool // in a string outside a held document
 	escape   bool
 	// Row keys: at depth 3 a string where a key is expected is one; key
@@ -201,7 +222,11 @@ type changesFilter struct {
 }
 
 func newChangesFilter(src io.ReadCloser, limit int64) *changesFilter {
-	return &changesFilter{src: src, limit: limit, in: make([]byte, 32<<10)}
+	return newRowsFilter(src, limit, 3, "doc")
+}
+
+func newRowsFilter(src io.ReadCloser, limit int64, rowDepth int, docKey string) *changesFilter {
+	return &changesFilter{src: src, limit: limit, rowDepth: rowDepth, docKey: docKey, in: make([]byte, 32<<10)}
 }
 
 func (f *changesFilter) Close() error { return f.src.Close() }
@@ -248,7 +273,7 @@ func (f *changesFilter) scan(chunk []byte) {
 				f.inString = false
 				if f.inKey {
 					f.inKey = false
-					f.keyIsDoc = string(f.key) == "doc"
+					f.keyIsDoc = string(f.key) == f.docKey
 				}
 				continue
 			}
@@ -270,18 +295,18 @@ func (f *changesFilter) scan(chunk []byte) {
 		switch c {
 		case '"':
 			f.inString = true
-			if f.depth == 3 && f.wantKey {
+			if f.depth == f.rowDepth && f.wantKey {
 				f.inKey, f.key, f.wantKey = true, f.key[:0], false
 			}
 		case '{', '[':
 			f.depth++
-			f.wantKey = c == '{' && f.depth == 3
+			f.wantKey = c == '{' && f.depth == f.rowDepth
 		case '}', ']':
 			f.depth--
 		case ',':
-			f.wantKey = f.depth == 3
+			f.wantKey = f.depth == f.rowDepth
 		case ':':
-			if f.depth == 3 && f.keyIsDoc {
+			if f.depth == f.rowDepth && f.keyIsDoc {
 				f.afterDoc = true
 			}
 			f.keyIsDoc = false

@@ -140,3 +140,40 @@ func TestBodyLimitRefusesLargeDocuments(t *testing.T) {
 		t.Error("document x/_changes over the limit read as a feed")
 	}
 }
+
+// Answers that fetch many documents at once are cut like the feed: an
+// _all_docs answer keeps its documents under each row's "doc", a _bulk_get
+// answer under "ok" in each result's "docs".
+func TestRowsFilterCutsAllDocsAndBulkGet(t *testing.T) {
+	small := `{"_id":"a","_rev":"1-x","ok":{"doc":"}{\"\\"}}`
+	big := `{"_id":"b","_rev":"2-y","pad":"` + strings.Repeat(`x\"{[`, 100) + `"}`
+	marker := fmt.Sprintf(`{"%s":%d}`, TooLargeMarker, len(big))
+	limit := int64(len(small))
+	for _, c := range []struct{ path, in, want string }{
+		{"/db/_all_docs",
+			`{"total_rows":3,"offset":0,"rows":[{"id":"a","key":"a","value":{"rev":"1-x"},"doc":` + small + `},` +
+				`{"id":"b","key":"b","value":{"rev":"2-y"},"doc":` + big + `},{"key":"c","error":"not_found"}]}`,
+			`{"total_rows":3,"offset":0,"rows":[{"id":"a","key":"a","value":{"rev":"1-x"},"doc":` + small + `},` +
+				`{"id":"b","key":"b","value":{"rev":"2-y"},"doc":` + marker + `},{"key":"c","error":"not_found"}]}`},
+		{"/db/_bulk_get",
+			`{"results":[{"id":"a","docs":[{"ok":` + small + `}]},{"id":"b","docs":[{"ok":` + big + `}]},` +
+				`{"id":"c","docs":[{"error":{"id":"c","error":"not_found","reason":"missing"}}]}]}`,
+			`{"results":[{"id":"a","docs":[{"ok":` + small + `}]},{"id":"b","docs":[{"ok":` + marker + `}]},` +
+				`{"id":"c","docs":[{"error":{"id":"c","error":"not_found","reason":"missing"}}]}]}`},
+	} {
+		depth, key, ok := rowsShape(c.path)
+		if !ok {
+			t.Fatalf("%s: not filtered", c.path)
+		}
+		out, err := io.ReadAll(newRowsFilter(io.NopCloser(iotest.HalfReader(strings.NewReader(c.in))), limit, depth, key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(out) != c.want {
+			t.Errorf("%s:\n got %s\nwant %s", c.path, out, c.want)
+		}
+	}
+	if _, _, ok := rowsShape("/db/doc%2F_changes"); ok {
+		t.Error("a document id taken for a feed")
+	}
+}
