@@ -188,6 +188,7 @@ type Engine struct {
 	MaxPendingBytes    int           `yaml:"max_pending_bytes"`
 	DrainTimeout       time.Duration `yaml:"drain_timeout"`
 	Members            bool          `yaml:"members"`
+	FeedWithoutBodies  bool          `yaml:"feed_without_bodies"`
 	MemberLease        time.Duration `yaml:"member_lease"`
 }
 

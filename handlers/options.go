@@ -31,6 +31,7 @@ func EngineOptions(cfg config.Config) workflow.Options {
 		NoStartScan:        !e.FullResyncOnStart,
 		DrainTimeout:       e.DrainTimeout,
 		Members:            e.Members,
+		FeedWithoutBodies:  e.FeedWithoutBodies,
 		MemberLease:        e.MemberLease,
 	}
 }
