@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/dbname"
 )
 
 // Seeding a channel from a template database: where the server should
@@ -191,20 +192,15 @@ func (c *Channels) dropSeed(ctx context.Context, database string) error {
 	return errors.New("delete " + replicatorDB + "/" + id + ": kept conflicting")
 }
 
-// CheckTemplates reports whether every template name is a channel slug and
-// every database a name a channel may be seeded from.
+// CheckTemplates reports whether every template name is a slug and every
+// database one a channel may be seeded from (dbname.CheckTemplateDB).
 func CheckTemplates(templates map[string]string) error {
 	for name, db := range templates {
-		if err := CheckSlug(name); err != nil {
-			return fmt.Errorf("template %w", err)
+		if err := dbname.CheckSlug(name); err != nil {
+			return fmt.Errorf("template name %w", err)
 		}
-		if db == "" || db[0] < 'a' || db[0] > 'z' || strings.HasPrefix(db, "userctl-") {
-			return fmt.Errorf("template %s: database %q must be a user database name, not a control database", name, db)
-		}
-		for i := range len(db) {
-			if !dbNameByte(db[i]) {
-				return fmt.Errorf("template %s: database %q may hold only a-z, 0-9 and _$()+-/", name, db)
-			}
+		if err := dbname.CheckTemplateDB(db); err != nil {
+			return fmt.Errorf("template %s: %w", name, err)
 		}
 	}
 	return nil

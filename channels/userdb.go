@@ -12,6 +12,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/internal/dbname"
 	"github.com/docstate/docstate/internal/identity"
 	"github.com/docstate/docstate/workflow"
 )
@@ -74,10 +75,9 @@ const (
 	invitesPrefix = "channel-invites:"
 	invitesType   = "channel-invites"
 
-	// maxSlug bounds a channel's slug; keepApplied how many request ids a
+	// keepApplied is how many request ids a
 	// channel document remembers, so that a request run twice (a crash
 	// before its outcome was written) is applied once.
-	maxSlug     = 64
 	keepApplied = 100
 	writeTries  = 8
 )
@@ -108,14 +108,8 @@ func roleOfUserDB(name string) (string, bool) { return identity.RoleOfUserDB(nam
 // CheckSlug reports whether s can name a channel in an owner's control
 // database: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit.
 func CheckSlug(s string) error {
-	if s == "" || len(s) > maxSlug {
-		return fmt.Errorf("channel must be 1 to %d characters", maxSlug)
-	}
-	for i := range len(s) {
-		b := s[i]
-		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || i > 0 && (b == '_' || b == '-')) {
-			return fmt.Errorf("channel %q may hold only a-z, 0-9, _ and -, starting with a letter or digit", s)
-		}
+	if err := dbname.CheckSlug(s); err != nil {
+		return fmt.Errorf("channel %w", err)
 	}
 	return nil
 }

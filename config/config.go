@@ -5,6 +5,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/docstate/docstate/internal/dbname"
 )
 
 // redactedValue replaces secrets in Redacted output.
@@ -75,8 +77,14 @@ func (c Channels) TemplateMap() (map[string]string, error) {
 		}
 		name, db, ok := strings.Cut(pair, "=")
 		name, db = strings.TrimSpace(name), strings.TrimSpace(db)
-		if !ok || !templateName(name) || !templateDB(db) {
-			return nil, fmt.Errorf("%q must be name=database: a name of 1 to 64 of a-z 0-9 _ - (starting with a letter or digit), a database starting with a-z, holding a-z 0-9 _$()+-/, not a userctl- control database", pair)
+		if !ok {
+			return nil, fmt.Errorf("%q must be name=database", pair)
+		}
+		if err := dbname.CheckSlug(name); err != nil {
+			return nil, fmt.Errorf("%q: template name %w", pair, err)
+		}
+		if err := dbname.CheckTemplateDB(db); err != nil {
+			return nil, fmt.Errorf("%q: %w", pair, err)
 		}
 		if _, dup := out[name]; dup {
 			return nil, fmt.Errorf("template %q is listed twice", name)
@@ -84,32 +92,6 @@ func (c Channels) TemplateMap() (map[string]string, error) {
 		out[name] = db
 	}
 	return out, nil
-}
-
-func templateName(s string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for i := range len(s) {
-		b := s[i]
-		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || i > 0 && (b == '_' || b == '-')) {
-			return false
-		}
-	}
-	return true
-}
-
-func templateDB(s string) bool {
-	if s == "" || len(s) > 238 || s[0] < 'a' || s[0] > 'z' || strings.HasPrefix(s, "userctl-") {
-		return false
-	}
-	for i := range len(s) {
-		b := s[i]
-		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || strings.IndexByte("_$()+-/", b) >= 0) {
-			return false
-		}
-	}
-	return true
 }
 
 // SMTP is the relay that sends device confirmation mail.

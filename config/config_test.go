@@ -408,3 +408,22 @@ func errorLines(err error) []string {
 	}
 	return lines
 }
+
+// A malformed channels.templates list is refused with the pair named.
+func TestTemplatesListIsCheckedPairByPair(t *testing.T) {
+	got, err := config.Channels{Templates: " starter = tmpl-starter , notes=tmpl-notes "}.TemplateMap()
+	if err != nil || len(got) != 2 || got["starter"] != "tmpl-starter" || got["notes"] != "tmpl-notes" {
+		t.Fatalf("%v %v", got, err)
+	}
+	for list, want := range map[string]string{
+		"starter":        `"starter" must be name=database`,
+		"Starter=tmpl":   `"Starter=tmpl": template name`,
+		"s=userctl-0123": "is a control database",
+		"s=_users":       "must start with a-z",
+		"s=tmpl,s=other": `template "s" is listed twice`,
+	} {
+		if _, err := (config.Channels{Templates: list}).TemplateMap(); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %q", list, err, want)
+		}
+	}
+}

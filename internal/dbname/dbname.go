@@ -44,3 +44,41 @@ func CheckPrefix(prefix string) error {
 func NameByte(c byte) bool {
 	return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || strings.IndexByte("_$()+-/", c) >= 0
 }
+
+// MaxSlug bounds a slug: a channel's id in its owner's control database,
+// or a template's name.
+const MaxSlug = 64
+
+// CheckSlug reports whether s is a slug: 1 to MaxSlug of a-z 0-9 _ -,
+// starting with a letter or digit.
+func CheckSlug(s string) error {
+	if s == "" || len(s) > MaxSlug {
+		return fmt.Errorf("must be 1 to %d characters", MaxSlug)
+	}
+	for i := range len(s) {
+		b := s[i]
+		if !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || i > 0 && (b == '_' || b == '-')) {
+			return fmt.Errorf("%q may hold only a-z, 0-9, _ and -, starting with a letter or digit", s)
+		}
+	}
+	return nil
+}
+
+// CheckTemplateDB reports whether db can be a channel template: a user
+// database name (a-z first, then a-z 0-9 _$()+-/, at most MaxLen), not a
+// per-owner control database ("userctl-"), which would copy one owner's
+// devices and requests into a channel.
+func CheckTemplateDB(db string) error {
+	if db == "" || len(db) > MaxLen || db[0] < 'a' || db[0] > 'z' {
+		return fmt.Errorf("database %q must start with a-z and be at most %d bytes", db, MaxLen)
+	}
+	if strings.HasPrefix(db, "userctl-") {
+		return fmt.Errorf("database %q is a control database", db)
+	}
+	for i := range len(db) {
+		if !NameByte(db[i]) {
+			return fmt.Errorf("database %q may hold only a-z, 0-9 and _$()+-/", db)
+		}
+	}
+	return nil
+}
