@@ -5,10 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	kivik "github.com/go-kivik/kivik/v4"
 	"strconv"
 	"strings"
 	"time"
+
+	kivik "github.com/go-kivik/kivik/v4"
 )
 
 // metaField is the top-level field the engine owns on every document it
