@@ -1,23 +1,18 @@
 package cli_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/docstate/docstate/channels"
-	"github.com/docstate/docstate/cmd/cli"
 	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/devicetest"
-	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
@@ -35,41 +30,22 @@ func TestDevicesAskForChannelsByReplication(t *testing.T) {
 	admin := couchtest.Client(t)
 	db := couchtest.NewDB(t, admin)
 	ctx := context.Background()
-	server := couchtest.Options(t).URL
-	mail := mailtest.StartMaildev(t, mailtest.MaildevOptions{})
-	secret := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
 	tag := hex.EncodeToString(b)
 	prefix := "tcr" + tag + "-"
-	addr, public := freeAddr(t), freeAddr(t)
-	path := writeConfig(t, db.Name(), fmt.Sprintf("http:\n  listen: %s\n  public_listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
-		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n  base_url: http://%s\n"+
-		"channels:\n  enabled: true\n  prefix: %s\n  public_url: %s\n  reconcile_interval: 1h\n"+
-		"databases:\n  discovery_interval: 300ms\n", addr, public, mail.SMTPPort(), secret, server, public, prefix, server))
-	var stderr bytes.Buffer
-	root := cli.NewRoot(cli.Options{Stderr: &stderr, Environ: []string{}})
-	root.SetArgs([]string{"run", "--config", path})
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- root.ExecuteContext(runCtx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v\n%s", err, stderr.String())
-		}
-	}()
+	d := startPairingDaemon(t, db.Name(), "channels:\n  enabled: true\n  prefix: "+prefix+"\n  public_url: %[1]s\n  reconcile_interval: 1h\n"+
+		"databases:\n  discovery_interval: 300ms\n")
+	defer d.stop()
+	server, mail, stderr := d.server, d.mail, d.stderr
 	alice, bob, dave := "alice-"+tag+"@example.test", "bob-"+tag+"@example.test", "dave-"+tag+"@example.test"
 	t.Cleanup(func() {
 		for _, o := range []string{alice, bob, dave} {
 			_ = admin.DestroyDB(context.Background(), devices.UserDBName(o))
 		}
 	})
-	phone, aUser, aPass, aURL := pairThroughUser(t, server, mail, alice, "Alice's phone", &stderr)
-	bobPhone, bUser, bPass, bURL := pairThroughUser(t, server, mail, bob, "Bob's phone", &stderr)
+	phone, aUser, aPass, aURL := pairThroughUser(t, server, mail, alice, "Alice's phone", stderr)
+	bobPhone, bUser, bPass, bURL := pairThroughUser(t, server, mail, bob, "Bob's phone", stderr)
 	aControl := devicetest.Remote{URL: aURL, User: aUser, Password: aPass}
 	bControl := devicetest.Remote{URL: bURL, User: bUser, Password: bPass}
 
@@ -167,7 +143,7 @@ func TestDevicesAskForChannelsByReplication(t *testing.T) {
 
 	// Dave was invited before he had a device: his first one finds the
 	// channel in his control database right after activation.
-	davePhone, dUser, dPass, dURL := pairThroughUser(t, server, mail, dave, "Dave's phone", &stderr)
+	davePhone, dUser, dPass, dURL := pairThroughUser(t, server, mail, dave, "Dave's phone", stderr)
 	pullUntil(davePhone, devicetest.Remote{URL: dURL, User: dUser, Password: dPass}, subID, map[string]any{"database": database})
 
 	// Bob is removed: his subscription goes, and so does his access.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,32 +32,15 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 	admin := couchtest.Client(t)
 	db := couchtest.NewDB(t, admin)
 	ctx := context.Background()
-	server := couchtest.Options(t).URL
-	mail := mailtest.StartMaildev(t, mailtest.MaildevOptions{})
-	secret := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	addr, public := freeAddr(t), freeAddr(t)
-	path := writeConfig(t, db.Name(), fmt.Sprintf("http:\n  listen: %s\n  public_listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
-		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n  base_url: http://%s\n", addr, public, mail.SMTPPort(), secret, server, public))
-	var stderr bytes.Buffer
-	root := cli.NewRoot(cli.Options{Stderr: &stderr, Environ: []string{}})
-	root.SetArgs([]string{"run", "--config", path})
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- root.ExecuteContext(runCtx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v\n%s", err, stderr.String())
-		}
-	}()
+	d := startPairingDaemon(t, db.Name(), "")
+	defer d.stop()
+	server, mail, addr, public := d.server, d.mail, d.addr, d.public
+	stderr := d.stderr
 
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	owner := "cli-" + hex.EncodeToString(b) + "@example.test"
-	dev, user, password, url := pairThroughUser(t, server, mail, owner, "CLI phone", &stderr)
+	dev, user, password, url := pairThroughUser(t, server, mail, owner, "CLI phone", stderr)
 	remote := devicetest.Remote{URL: url, User: user, Password: password}
 	if err := dev.Replicate(ctx, "control", remote, "pull"); err != nil {
 		t.Fatal(err)
@@ -89,6 +73,52 @@ func TestRunPairsADeviceThroughItsOwnUser(t *testing.T) {
 		}
 	}
 	_ = admin.DestroyDB(ctx, devices.UserDBName(owner))
+}
+
+// pairingDaemon is a `docstate run` with devices.pairing users, its mail
+// sink and its listeners, for tests that pair real devices with it.
+type pairingDaemon struct {
+	server       string // the CouchDB server's URL
+	addr, public string // the private and public listeners
+	mail         *mailtest.Maildev
+	stderr       *bytes.Buffer
+	stop         func() // stops the daemon and reports its error; call before removing its databases
+}
+
+// startPairingDaemon starts `docstate run` on control database db with
+// devices.pairing users and a fresh secret, mail sink and listeners;
+// extra is appended to its configuration (it may use %[1]s for the
+// server's URL).
+func startPairingDaemon(t *testing.T, db, extra string) *pairingDaemon {
+	t.Helper()
+	d := &pairingDaemon{server: couchtest.Options(t).URL, addr: freeAddr(t), public: freeAddr(t),
+		mail: mailtest.StartMaildev(t, mailtest.MaildevOptions{}), stderr: new(bytes.Buffer)}
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte(strings.Repeat("s", 40)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if extra != "" {
+		extra = fmt.Sprintf(extra, d.server)
+	}
+	path := writeConfig(t, db, fmt.Sprintf("http:\n  listen: %s\n  public_listen: %s\nsmtp:\n  host: 127.0.0.1\n  port: %d\n  tls: none\n  from: docstate@example.test\n"+
+		"devices:\n  enabled: true\n  secret_file: %s\n  pairing: users\n  public_url: %s\n  heal_interval: 1s\n  base_url: http://%s\n",
+		d.addr, d.public, d.mail.SMTPPort(), secret, d.server, d.public)+extra)
+	root := cli.NewRoot(cli.Options{Stderr: d.stderr, Environ: []string{}})
+	root.SetArgs([]string{"run", "--config", path})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(ctx) }()
+	var once sync.Once
+	d.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("run: %v\n%s", err, d.stderr.String())
+			}
+		})
+	}
+	t.Cleanup(d.stop) // a test that fails early still waits for the daemon
+	return d
 }
 
 // pairThroughUser pairs a new real PouchDB device of owner with the
