@@ -100,6 +100,9 @@ type Devices struct {
 	// verifications counts code checks, for tests and metrics: it must
 	// never exceed MaxAttempts per device plus its one success.
 	verifications atomic.Int64
+	// onCheck, when set (by tests), is told each check's document and
+	// the guess it checked, with the attempt number it was counted as.
+	onCheck func(id string, p pendingCheck)
 }
 
 // MinSecretLen is the shortest Options.Secret accepted.

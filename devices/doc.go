@@ -39,8 +39,10 @@
 //     backoff; 5xx to MAIL/RCPT/DATA is terminal with the server's reply as
 //     reason (addresses scrubbed, see below). When either limit is used up
 //     the mail waits (send_delayed says which, wake-up at the next slot).
-//   - confirming: Unsafe handler, RetryExpired. Checks confirm_attempt or
-//     confirm_link against the stored HMACs in constant time; right → the
+//   - confirming: Unsafe handler, RetryExpired. Counts a guess before it
+//     checks it: one run moves confirm_attempt or confirm_link into
+//     pending_check with failed_attempts + 1, the next checks it against
+//     the stored HMACs in constant time; right → the
 //     _users entry is written and the device is active; wrong → counted in
 //     failed_attempts with last_attempt_error, and at MaxAttempts → locked.
 //     resend_requested → a new code unless the last mail went out less than

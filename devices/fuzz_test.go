@@ -79,7 +79,17 @@ func FuzzConfirmAttempt(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := d.check(doc, st) == ""
+		// As the handler does: the guess is counted into pending_check,
+		// stored, read back and checked.
+		b, err := json.Marshal(pendingOf(doc, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var p pendingCheck
+		if err := json.Unmarshal(b, &p); err != nil {
+			t.Fatal(err)
+		}
+		got := d.check(id, p, st) == ""
 		want := strings.NewReplacer(" ", "", "-", "").Replace(attempt) == code && len(attempt) <= maxAttemptLen
 		if useLink {
 			want = proof == d.linkProof(id, st.linkHash)

@@ -18,7 +18,9 @@ import (
 // finished document holds no hash to attack offline.
 // They are functions, not variables: appending to a shared slice could
 // alias.
-func codeFields() []string { return []string{FieldCodeHash, FieldLinkHash, FieldCodeExpires} }
+func codeFields() []string {
+	return []string{FieldCodeHash, FieldLinkHash, FieldCodeExpires, FieldPendingCheck}
+}
 
 // inputFields are the device's requests, consumed by every run that reads
 // them.
@@ -236,13 +238,29 @@ func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (work
 				append(codeFields(), inputFields()...)...), nil
 		}
 	}
-	if doc.Has(FieldConfirmAttempt) || doc.Has(FieldConfirmLink) {
+	// A guess is counted before it is checked, in two runs: the first
+	// writes the count and moves the guess to pending_check, the next
+	// checks it. One run doing both would count a check only if its result
+	// write landed, and a writer who edits the document without pause (an
+	// attacker in the shared control database) can make that write lose
+	// until the claim's lease runs out, so that the retry checks a new
+	// guess with the old count. Checking a pending guess again after such
+	// a loss checks the same guess: it tells nobody anything new.
+	var pending pendingCheck
+	if ok, err := doc.Field(FieldPendingCheck, &pending); ok && err == nil && pending.Attempt > 0 {
 		d.verifications.Add(1)
-		why := d.check(doc, st)
-		if why == "" {
-			return d.activate(ctx, doc, req)
+		if d.onCheck != nil {
+			d.onCheck(doc.ID, pending)
 		}
-		st.failed++
+		why := d.check(doc.ID, pending, st)
+		if why == "" {
+			res, err := d.activate(ctx, doc, req)
+			if err != nil {
+				return res, err
+			}
+			// The attempt was counted as failed; it was not.
+			return res.Set(FieldFailedAttempts, max(st.failed-1, 0)), nil
+		}
 		if st.failed >= d.opts.MaxAttempts {
 			d.log.Warn("device locked after too many wrong codes", "id", doc.ID, "attempts", st.failed)
 			return unset(workflow.Transition(StateLocked).
@@ -251,9 +269,16 @@ func (d *Devices) handleConfirming(ctx context.Context, doc *workflow.Doc) (work
 				Set(FieldReason, fmt.Sprintf("locked after %d wrong confirmation attempts", st.failed)),
 				append(codeFields(), inputFields()...)...), nil
 		}
+		c.Set(FieldLastAttemptError, fmt.Sprintf("%s (attempt %d of %d)", why, pending.Attempt, d.opts.MaxAttempts)).
+			Unset(FieldPendingCheck)
+	} else if doc.Has(FieldConfirmAttempt) || doc.Has(FieldConfirmLink) {
+		st.failed++
 		c.Set(FieldFailedAttempts, st.failed).
-			Set(FieldLastAttemptError, fmt.Sprintf("%s (attempt %d of %d)", why, st.failed, d.opts.MaxAttempts)).
+			Set(FieldPendingCheck, pendingOf(doc, st.failed)).
 			Unset(FieldConfirmAttempt, FieldConfirmLink)
+		// The check runs next, at once; a restart in between finds the
+		// pending guess by the start scan.
+		return c.apply(workflow.Stay()).RecheckAfter(time.Millisecond), nil
 	}
 
 	wake := st.expires
@@ -319,26 +344,53 @@ func (d *Devices) branchFailures(ctx context.Context, id string) (int, error) {
 
 // check returns "" when the attempt proves the code, else why not. Both
 // comparisons are of HMACs, in constant time.
-func (d *Devices) check(doc *workflow.Doc, st codeState) string {
-	var proof string
-	if ok, err := doc.Field(FieldConfirmLink, &proof); ok || err != nil {
-		if err == nil && st.linkHash != "" && equalHex(proof, d.linkProof(doc.ID, st.linkHash)) {
+func (d *Devices) check(id string, p pendingCheck, st codeState) string {
+	if p.Link != nil {
+		if st.linkHash != "" && equalHex(*p.Link, d.linkProof(id, st.linkHash)) {
 			return ""
 		}
 		return "confirmation link not valid for the current code"
 	}
-	var attempt string
-	if _, err := doc.Field(FieldConfirmAttempt, &attempt); err != nil {
+	if p.Code == nil {
 		return "confirm_attempt must be a string"
 	}
+	attempt := *p.Code
 	if len(attempt) > maxAttemptLen {
 		return "wrong code"
 	}
 	attempt = strings.NewReplacer(" ", "", "-", "").Replace(attempt)
-	if equalHex(d.codeHash(doc.ID, attempt), st.codeHash) {
+	if equalHex(d.codeHash(id, attempt), st.codeHash) {
 		return ""
 	}
 	return "wrong code"
+}
+
+// pendingCheck is a guess counted and waiting for its check: the code a
+// device wrote (nil when it was not a string) or the link's proof, and the
+// attempt number it was counted as.
+type pendingCheck struct {
+	Attempt int     `json:"attempt"`
+	Code    *string `json:"code,omitempty"`
+	Link    *string `json:"link,omitempty"`
+}
+
+// pendingOf moves the document's guess into a pendingCheck counted as
+// attempt n. A link's proof wins over a typed code, as it did when both
+// were checked in one run.
+func pendingOf(doc *workflow.Doc, n int) pendingCheck {
+	p := pendingCheck{Attempt: n}
+	var s string
+	if ok, err := doc.Field(FieldConfirmLink, &s); ok || err != nil {
+		if err != nil {
+			s = "" // not a string: matches no proof
+		}
+		p.Link = &s
+		return p
+	}
+	if _, err := doc.Field(FieldConfirmAttempt, &s); err == nil {
+		p.Code = &s
+	}
+	return p
 }
 
 // activate provisions the CouchDB user and moves the device to active.

@@ -45,6 +45,7 @@ const (
 	FieldResendDenied     = "resend_denied"
 	FieldSendDelayed      = "send_delayed"
 	FieldConfirmLink      = "confirm_link"
+	FieldPendingCheck     = "pending_check"
 	FieldReason           = "reason"
 	FieldCouchUser        = identity.FieldCouchUser
 	FieldOwnerRole        = identity.FieldOwnerRole
