@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	kivik "github.com/go-kivik/kivik/v4"
+
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/devicetest"
 	"github.com/docstate/docstate/internal/mailtest"
@@ -36,23 +38,49 @@ func startUsersStack(t *testing.T, mod func(*Options)) *usersStack {
 // delivers to mock.
 func startUsersStackWith(t testing.TB, mock *mailtest.Mock, mailer Mailer, mod func(*Options)) *usersStack {
 	t.Helper()
+	return startUsersStackOn(t, mock, mailer, stackOptions{devices: mod})
+}
+
+// stackOptions change what startUsersStackOn runs: through which client,
+// and with which engine and follower options (the tests' fast intervals
+// unless changed).
+type stackOptions struct {
+	client    *kivik.Client // nil: couchtest.Client
+	devices   func(*Options)
+	engine    func(*workflow.Options)
+	followers func(*FollowerOptions)
+}
+
+func startUsersStackOn(t testing.TB, mock *mailtest.Mock, mailer Mailer, so stackOptions) *usersStack {
+	t.Helper()
 	server := couchtest.Options(t).URL
-	f := newFixture(t, mailer, func(o *Options) {
+	client := so.client
+	if client == nil {
+		client = couchtest.Client(t)
+	}
+	f := newFixtureOn(t, client, mailer, func(o *Options) {
 		o.Pairing = PairingUsers
 		o.PublicURL = server
-		if mod != nil {
-			mod(o)
+		if so.devices != nil {
+			so.devices(o)
 		}
 	})
 	if _, err := f.devs.ProvisionControl(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	f.start(t, nil)
+	f.start(t, so.engine)
 	eo := workflowtest.Options(t)
 	eo.Logger = f.devs.log
-	fl, err := f.devs.NewFollowers(FollowerOptions{Engine: eo,
+	if so.engine != nil {
+		so.engine(&eo)
+	}
+	fo := FollowerOptions{Engine: eo,
 		Supervisor:   workflow.SupervisorOptions{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
-		HealInterval: 500 * time.Millisecond})
+		HealInterval: 500 * time.Millisecond}
+	if so.followers != nil {
+		so.followers(&fo)
+	}
+	fl, err := f.devs.NewFollowers(fo)
 	if err != nil {
 		t.Fatal(err)
 	}
