@@ -387,3 +387,65 @@ func TestOwnerControlDatabaseHeals(t *testing.T) {
 		t.Fatalf("re-created database's _security %v %v", sec, err)
 	}
 }
+
+// TestHealChecksABoundedBatchAndWrapsAround: one heal pass checks at most
+// HealBatch active devices' owners, the next goes on after them, and after
+// the last it starts again, so a database deleted anywhere is put back
+// within ceil(devices/HealBatch) passes while a pass costs the same at any
+// number of owners.
+func TestHealChecksABoundedBatchAndWrapsAround(t *testing.T) {
+	ctx := context.Background()
+	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.Pairing = PairingUsers })
+	fl, err := f.devs.NewFollowers(FollowerOptions{Engine: workflowtest.Options(t), HealBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := couchtest.Client(t)
+	tag := randomHex(t, 4)
+	var owners []string
+	for i := range 5 {
+		owner := fmt.Sprintf("heal-%s-%d@example.test", tag, i)
+		owners = append(owners, owner)
+		user := fmt.Sprintf("heal%s-%d", tag, i)
+		put(t, f.db, map[string]any{"_id": TrustedID(user), "type": DocType, "state": StateActive,
+			FieldOwner: owner, FieldCouchUser: user, FieldDeviceName: "d", FieldPairingMode: PairingUsers})
+	}
+	t.Cleanup(func() {
+		for _, o := range owners {
+			_ = admin.DestroyDB(context.Background(), UserDBName(o))
+		}
+	})
+	exist := func() int {
+		n := 0
+		for _, o := range owners {
+			if ok, err := admin.DBExists(ctx, UserDBName(o)); err == nil && ok {
+				n++
+			}
+		}
+		return n
+	}
+	for pass, want := range []int{2, 4, 5} {
+		if _, err := fl.Heal(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := exist(); got != want {
+			t.Fatalf("after pass %d: %d owner databases, want %d (at most 2 owners a pass)", pass+1, got, want)
+		}
+	}
+	if err := admin.DestroyDB(ctx, UserDBName(owners[0])); err != nil {
+		t.Fatal(err)
+	}
+	// The third pass reached the end; the next starts again at the first.
+	healed, err := fl.Heal(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if healed != 1 || exist() != 5 {
+		t.Fatalf("pass after the end healed %d, %d databases exist; want the first owner's put back", healed, exist())
+	}
+	var info map[string]any
+	if err := admin.DB(UserDBName(owners[0])).Get(ctx, TrustedID("heal"+tag+"-0")).ScanDoc(&info); err != nil || info["state"] != StateActive {
+		t.Fatalf("device entry not put back: %v %v", info, err)
+	}
+}
