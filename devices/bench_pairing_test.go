@@ -6,8 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
+	"maps"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"regexp"
 	"runtime"
@@ -20,8 +25,10 @@ import (
 
 	kivik "github.com/go-kivik/kivik/v4"
 
+	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
+	"github.com/docstate/docstate/workflow"
 )
 
 // recordingMailer sends through the real SMTP mock and tells the benchmark
@@ -47,11 +54,23 @@ func (r recordingMailer) Send(ctx context.Context, m Message) error {
 // through SMTP, the confirmation written on its own user document with its
 // own credentials. The devices here are Go HTTP clients, not PouchDB (a
 // thousand Node processes would measure Node); the real device is in
-// TestDevicePairsThroughItsOwnUserAndRevokesByReplication. Reports
-// pairings/s, the server's raw PUT rate at 16 writers in the same run,
-// p50/p99 from sign-up to mail and from confirmation to active, the
-// daemon's heap per owner, and the documents written per pairing (update
-// sequences of _users, the control database and the owners' databases):
+// TestDevicePairsThroughItsOwnUserAndRevokesByReplication.
+//
+// The daemon runs as deployed: the engines', supervisor's and heal loop's
+// default intervals (resync 1m, discovery 10s, idle stop 30s, heal 1m), and
+// through the /_db_updates front, as on Apache CouchDB (PouchDB Server has
+// no /_db_updates, and without it discovery reads every owner database's
+// info each interval). BENCH_TEST_INTERVALS=1 runs it with the tests' fast
+// intervals instead (resync 300ms, discovery 300ms, heal 500ms), as the
+// first figures were taken; BENCH_VERBOSE=1 logs the daemon's requests by
+// kind.
+//
+// Reports pairings/s, the server's raw PUT rate at 16 writers in the same
+// run, p50/p99 from sign-up to mail and from confirmation to active, the
+// daemon's heap per owner, the documents written per pairing (update
+// sequences of _users, the control database and the owners' databases)
+// and the daemon's and the devices' requests per pairing (counted by a
+// front the daemon and devices talk through):
 //
 //	BENCH_DEVICES=10000 go test -run '^$' -bench Pairing -benchtime 1x -timeout 60m ./devices/
 func BenchmarkPairing(b *testing.B) {
@@ -62,19 +81,45 @@ func BenchmarkPairing(b *testing.B) {
 	owners := n / 2
 	mock := mailtest.StartMock(b, mailtest.MockOptions{})
 	rec := recordingMailer{Mailer: mockMailer(b, mock), sent: make(chan Message, n*2)}
-	raw := rawPutRate(b, couchtest.NewDB(b, couchtest.Client(b)), 2000, 16)
+	direct := couchtest.Client(b)
+	raw := rawPutRate(b, couchtest.NewDB(b, direct), 2000, 16)
+	front := newCountingFront(b, couchtest.NewDBUpdatesServer(b).Options())
+	client, err := couch.NewClient(front.opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = client.Close() })
+	testIntervals := os.Getenv("BENCH_TEST_INTERVALS") != ""
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	heapBefore := heapInUse()
-	s := startUsersStackWith(b, mock, rec, func(o *Options) {
-		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-		o.GlobalSends, o.GlobalWindow = n*4, time.Hour
-		o.AddressSends = 1000
+	s := startUsersStackOn(b, mock, rec, stackOptions{client: client,
+		devices: func(o *Options) {
+			o.Logger = quiet
+			o.GlobalSends, o.GlobalWindow = n*4, time.Hour
+			o.AddressSends = 1000
+			// A code must outlive the queue in front of its confirmation.
+			o.CodeTTL = time.Hour
+			o.PublicURL = front.opts.URL
+		},
+		engine: func(o *workflow.Options) {
+			if !testIntervals {
+				*o = workflow.Options{HandlerTimeout: 30 * time.Second}
+			}
+			o.Logger = quiet
+		},
+		followers: func(o *FollowerOptions) {
+			if !testIntervals {
+				o.Supervisor, o.HealInterval = workflow.SupervisorOptions{}, 0
+			}
+		},
 	})
 	ctx := context.Background()
 	tag := randomHex(b, 4)
-	server := s.server
+	server := front.opts.URL
 	user := func(i int) string { return fmt.Sprintf("bp%s-%d", tag, i) }
 	owner := func(i int) string { return fmt.Sprintf("bp%s-%d@example.test", tag, i/2) }
-	seqBefore := seqSum(b, couchtest.Client(b), s.db.Name())
+	seqBefore := seqSum(b, direct, s.db.Name())
+	control := direct.DB(s.db.Name())
 
 	var mu sync.Mutex
 	signedUp, mailed, confirmed, active := map[string]time.Time{}, map[string]time.Time{}, map[string]time.Time{}, map[string]time.Time{}
@@ -153,6 +198,7 @@ func BenchmarkPairing(b *testing.B) {
 	}()
 
 	b.ResetTimer()
+	front.reset()
 	began := time.Now()
 	work := make(chan int, n)
 	for i := range n {
@@ -184,7 +230,7 @@ func BenchmarkPairing(b *testing.B) {
 	// Active is when the trusted document says so.
 	deadline := time.Now().Add(30 * time.Minute)
 	for {
-		rows := s.db.AllDocs(ctx, kivik.Params(map[string]any{"include_docs": true, "startkey": trustedPrefix + "bp" + tag, "endkey": trustedPrefix + "bp" + tag + "\ufff0"}))
+		rows := control.AllDocs(ctx, kivik.Params(map[string]any{"include_docs": true, "startkey": trustedPrefix + "bp" + tag, "endkey": trustedPrefix + "bp" + tag + "\ufff0"}))
 		for rows.Next() {
 			var d struct {
 				User  string `json:"couch_user"`
@@ -219,8 +265,12 @@ func BenchmarkPairing(b *testing.B) {
 	}
 	elapsed := time.Since(began)
 	b.StopTimer()
+	daemonReqs, deviceReqs := front.counts()
+	if os.Getenv("BENCH_VERBOSE") != "" {
+		fmt.Fprintf(os.Stderr, "requests by kind:\n%s", front.table())
+	}
 	heapAfter := heapInUse()
-	writes := seqSum(b, couchtest.Client(b), s.db.Name()) - seqBefore
+	writes := seqSum(b, direct, s.db.Name()) - seqBefore
 
 	mu.Lock()
 	defer mu.Unlock()
@@ -241,6 +291,91 @@ func BenchmarkPairing(b *testing.B) {
 	b.ReportMetric(pct(toActive, 99), "active-p99-ms")
 	b.ReportMetric(float64(heapAfter-heapBefore)/1024/float64(owners), "heap-KiB/owner")
 	b.ReportMetric(float64(writes)/float64(n), "writes/pairing")
+	b.ReportMetric(float64(daemonReqs)/float64(n), "daemon-reqs/pairing")
+	b.ReportMetric(float64(deviceReqs)/float64(n), "device-reqs/pairing")
+}
+
+// countingFront passes every request to the server it fronts and counts
+// them: the server admin's (the daemon's) and everyone else's (the
+// devices'), and by kind (method, database class, endpoint).
+type countingFront struct {
+	opts couch.Options
+
+	mu             sync.Mutex
+	daemon, device int
+	kinds          map[string]int
+}
+
+func newCountingFront(tb testing.TB, opts couch.Options) *countingFront {
+	tb.Helper()
+	target, err := url.Parse(opts.URL)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f := &countingFront{kinds: map[string]int{}}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	proxy.ErrorLog = log.New(io.Discard, "", 0)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.count(r, opts.Username)
+		proxy.ServeHTTP(w, r)
+	}))
+	tb.Cleanup(srv.Close)
+	f.opts = opts
+	f.opts.URL = srv.URL
+	return f
+}
+
+func (f *countingFront) count(r *http.Request, admin string) {
+	u, _, _ := r.BasicAuth()
+	seg := strings.SplitN(strings.TrimPrefix(r.URL.Path, "/"), "/", 3)
+	db := seg[0]
+	switch {
+	case strings.HasPrefix(db, UserDBPrefix):
+		db = UserDBPrefix + "*"
+	case db != "" && db[0] != '_':
+		db = "control"
+	}
+	ep := ""
+	if len(seg) > 1 {
+		ep = seg[1]
+		if ep == "" || ep[0] != '_' || ep == "_design" || ep == "_local" {
+			ep = "doc"
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	who := "device"
+	if u == admin {
+		who = "daemon"
+		f.daemon++
+	} else {
+		f.device++
+	}
+	f.kinds[fmt.Sprintf("%s %s /%s/%s", who, r.Method, db, ep)]++
+}
+
+func (f *countingFront) reset() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.daemon, f.device, f.kinds = 0, 0, map[string]int{}
+}
+
+func (f *countingFront) counts() (daemon, device int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.daemon, f.device
+}
+
+func (f *countingFront) table() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	keys := slices.Collect(maps.Keys(f.kinds))
+	slices.SortFunc(keys, func(a, b string) int { return f.kinds[b] - f.kinds[a] })
+	var sb strings.Builder
+	for _, k := range keys {
+		fmt.Fprintf(&sb, "%8d %s\n", f.kinds[k], k)
+	}
+	return sb.String()
 }
 
 // getAs reads a document with basic auth.

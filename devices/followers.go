@@ -22,6 +22,12 @@ type Followers struct {
 	users *workflow.Engine
 	dbs   *workflow.Supervisor
 	every time.Duration
+	batch int
+
+	// cursor is the last trusted document id the previous heal pass
+	// checked; the next pass goes on after it ("" : from the start). Only
+	// the heal loop uses it.
+	cursor string
 
 	healed atomic.Int64
 }
@@ -37,6 +43,13 @@ type FollowerOptions struct {
 	// HealInterval is how often provisioning is checked and re-applied
 	// (default 1m).
 	HealInterval time.Duration
+	// HealBatch is the most active devices one heal pass reads (default
+	// 200), hence the owners it checks (at two requests each): a pass
+	// costs the same with 50 owners or 50,000, and every owner is checked
+	// once in ceil(devices/HealBatch) intervals. Checking every owner each
+	// interval cost three requests per owner per minute, which at 5,000
+	// owners (250 requests/s) is more than a test server can answer.
+	HealBatch int
 	// Handlers register further handlers on the engines of the per-owner
 	// control databases, beside the revoke requests: the channel requests
 	// of package channels (channels.Channels.RegisterUserDBs), or a user's
@@ -51,6 +64,12 @@ func (d *Devices) NewFollowers(opts FollowerOptions) (*Followers, error) {
 	}
 	if opts.HealInterval == 0 {
 		opts.HealInterval = time.Minute
+	}
+	if opts.HealBatch == 0 {
+		opts.HealBatch = 200
+	}
+	if opts.HealBatch < 1 {
+		return nil, errors.New("devices: heal batch must be positive")
 	}
 	ureg := workflow.NewRegistry()
 	if err := d.RegisterUsers(ureg); err != nil {
@@ -80,7 +99,7 @@ func (d *Devices) NewFollowers(opts FollowerOptions) (*Followers, error) {
 	if err != nil {
 		return nil, fmt.Errorf("devices: supervisor of %s*: %w", UserDBPrefix, err)
 	}
-	return &Followers{d: d, users: users, dbs: dbs, every: opts.HealInterval}, nil
+	return &Followers{d: d, users: users, dbs: dbs, every: opts.HealInterval, batch: opts.HealBatch}, nil
 }
 
 // Run follows until ctx ends and returns once everything it started has.
@@ -125,11 +144,13 @@ func (f *Followers) healLoop(ctx context.Context) {
 	}
 }
 
-// Heal checks everything the users mode provisions and puts back what is
+// Heal checks what the users mode provisions and puts back what is
 // missing or changed: the control database's _security (server admins
-// only) and every active owner's control database (the database itself,
-// its _security, its validation function and the device entries). It
-// returns how many databases it had to repair.
+// only) and, for the next HealBatch active devices after the previous
+// pass's last (wrapping around at the end), their owners' control
+// databases (the database itself, its _security, its validation function
+// and, where one had to be put back, all of that owner's device entries).
+// It returns how many databases it had to repair.
 func (f *Followers) Heal(ctx context.Context) (int, error) {
 	d := f.d
 	n := 0
@@ -141,35 +162,23 @@ func (f *Followers) Heal(ctx context.Context) (int, error) {
 		n++
 		d.log.Warn("control database provisioning was missing or changed; put back")
 	}
-	owners := map[string][]map[string]any{}
-	_, err = workflow.FindEach(ctx, d.opts.DB,
-		map[string]any{"type": DocType, "state": StateActive, FieldPairingMode: PairingUsers},
-		[]string{"_id", FieldOwner, FieldCouchUser, FieldDeviceName, FieldActivatedAt},
-		func(raw json.RawMessage) error {
-			var v struct {
-				Owner, CouchUser, DeviceName string
-				ActivatedAt                  any
-			}
-			var m map[string]any
-			if json.Unmarshal(raw, &m) != nil {
-				return nil
-			}
-			v.Owner, _ = m[FieldOwner].(string)
-			v.CouchUser, _ = m[FieldCouchUser].(string)
-			v.DeviceName, _ = m[FieldDeviceName].(string)
-			if v.Owner == "" || v.CouchUser == "" {
-				return nil
-			}
-			owners[v.Owner] = append(owners[v.Owner], map[string]any{
-				"_id": TrustedID(v.CouchUser), "type": DeviceInfoType, "state": StateActive,
-				FieldCouchUser: v.CouchUser, FieldDeviceName: v.DeviceName, FieldActivatedAt: m[FieldActivatedAt],
-			})
-			return nil
-		})
+	var owners []string
+	seen := map[string]bool{}
+	count, last := 0, f.cursor
+	err = activeDevices(ctx, d, map[string]any{"_id": map[string]any{"$gt": f.cursor}}, f.batch, func(id string, _ map[string]any, owner string) {
+		count, last = count+1, id
+		if !seen[owner] {
+			seen[owner] = true
+			owners = append(owners, owner)
+		}
+	})
 	if err != nil {
 		return n, fmt.Errorf("list active devices: %w", err)
 	}
-	for owner, infos := range owners {
+	if count < f.batch {
+		last = "" // the end: the next pass starts again
+	}
+	for _, owner := range owners {
 		changed, err := d.ProvisionUserDB(ctx, owner)
 		if err != nil {
 			return n, err
@@ -178,7 +187,14 @@ func (f *Followers) Heal(ctx context.Context) (int, error) {
 			continue
 		}
 		// Re-created, or its _security or validation edited: the device
-		// entries may be gone with it.
+		// entries may be gone with it; all of them, not only this page's.
+		var infos []map[string]any
+		err = activeDevices(ctx, d, map[string]any{FieldOwner: owner}, 0, func(_ string, info map[string]any, _ string) {
+			infos = append(infos, info)
+		})
+		if err != nil {
+			return n, fmt.Errorf("list the owner's active devices: %w", err)
+		}
 		for _, info := range infos {
 			if err := d.putDeviceInfo(ctx, owner, info); err != nil {
 				return n, err
@@ -188,5 +204,55 @@ func (f *Followers) Heal(ctx context.Context) (int, error) {
 		f.healed.Add(1)
 		d.log.Warn("an owner's control database was missing or changed; put back", "db", UserDBName(owner), "devices", len(infos))
 	}
+	f.cursor = last
 	return n, nil
+}
+
+// activeDevices calls fn with each active trusted device document of the
+// users mode matching extra (in _id order, at most limit; 0: all): its id,
+// the entry it lists in its owner's control database, and its owner.
+func activeDevices(ctx context.Context, d *Devices, extra map[string]any, limit int, fn func(id string, info map[string]any, owner string)) error {
+	sel := map[string]any{"type": DocType, "state": StateActive, FieldPairingMode: PairingUsers}
+	for k, v := range extra {
+		sel[k] = v
+	}
+	fields := []string{"_id", FieldOwner, FieldCouchUser, FieldDeviceName, FieldActivatedAt}
+	each := func(raw json.RawMessage) error {
+		var m map[string]any
+		if json.Unmarshal(raw, &m) != nil {
+			return nil
+		}
+		id, _ := m["_id"].(string)
+		owner, _ := m[FieldOwner].(string)
+		user, _ := m[FieldCouchUser].(string)
+		name, _ := m[FieldDeviceName].(string)
+		if owner == "" || user == "" {
+			return nil
+		}
+		fn(id, map[string]any{
+			"_id": TrustedID(user), "type": DeviceInfoType, "state": StateActive,
+			FieldCouchUser: user, FieldDeviceName: name, FieldActivatedAt: m[FieldActivatedAt],
+		}, owner)
+		return nil
+	}
+	if limit == 0 {
+		_, err := workflow.FindEach(ctx, d.opts.DB, sel, fields, each)
+		return err
+	}
+	// One page, in _id order from the cursor: Mango sorts by _id without
+	// an index.
+	rows := d.opts.DB.Find(ctx, map[string]any{"selector": sel, "fields": fields,
+		"sort": []map[string]string{{"_id": "asc"}}, "limit": limit})
+	defer rows.Close()
+	// Iterator, as workflow.FindEach reads a page.
+	for row, err := range rows.Iterator() {
+		if err != nil {
+			return err
+		}
+		var raw json.RawMessage
+		if row.ScanDoc(&raw) == nil {
+			_ = each(raw)
+		}
+	}
+	return nil
 }

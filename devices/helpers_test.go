@@ -179,7 +179,12 @@ type fixture struct {
 // mod adjusts them.
 func newFixture(t testing.TB, mailer Mailer, mod func(*Options)) fixture {
 	t.Helper()
-	client := couchtest.Client(t)
+	return newFixtureOn(t, couchtest.Client(t), mailer, mod)
+}
+
+// newFixtureOn is newFixture through client (a front, say).
+func newFixtureOn(t testing.TB, client *kivik.Client, mailer Mailer, mod func(*Options)) fixture {
+	t.Helper()
 	db := couchtest.NewDB(t, client)
 	logs := &logBuffer{}
 	secret := make([]byte, 32)

@@ -440,19 +440,19 @@ func (d *Devices) ProvisionUserDB(ctx context.Context, owner string) (changed bo
 
 func (d *Devices) provisionUserDB(ctx context.Context, name, role string) (bool, error) {
 	changed := false
-	exists, err := d.opts.Client.DBExists(ctx, name)
-	if err != nil {
-		return false, fmt.Errorf("check %s: %w", name, err)
-	}
-	if !exists {
+	db := d.opts.Client.DB(name)
+	want := userDBSecurity(role)
+	// _security first: a missing database answers 404 there, so an
+	// existing one (every heal pass, nearly always) costs no existence
+	// check of its own.
+	cur, err := db.Security(ctx)
+	if couch.IsNotFound(err) {
 		if err := d.opts.Client.CreateDB(ctx, name); err != nil && !couch.IsPreconditionFailed(err) {
 			return false, fmt.Errorf("create %s: %w", name, err)
 		}
 		changed = true
+		cur, err = db.Security(ctx)
 	}
-	db := d.opts.Client.DB(name)
-	want := userDBSecurity(role)
-	cur, err := db.Security(ctx)
 	if err != nil {
 		return changed, fmt.Errorf("read _security of %s: %w", name, err)
 	}

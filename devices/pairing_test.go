@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	kivik "github.com/go-kivik/kivik/v4"
+
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/devicetest"
 	"github.com/docstate/docstate/internal/mailtest"
@@ -36,23 +38,49 @@ func startUsersStack(t *testing.T, mod func(*Options)) *usersStack {
 // delivers to mock.
 func startUsersStackWith(t testing.TB, mock *mailtest.Mock, mailer Mailer, mod func(*Options)) *usersStack {
 	t.Helper()
+	return startUsersStackOn(t, mock, mailer, stackOptions{devices: mod})
+}
+
+// stackOptions change what startUsersStackOn runs: through which client,
+// and with which engine and follower options (the tests' fast intervals
+// unless changed).
+type stackOptions struct {
+	client    *kivik.Client // nil: couchtest.Client
+	devices   func(*Options)
+	engine    func(*workflow.Options)
+	followers func(*FollowerOptions)
+}
+
+func startUsersStackOn(t testing.TB, mock *mailtest.Mock, mailer Mailer, so stackOptions) *usersStack {
+	t.Helper()
 	server := couchtest.Options(t).URL
-	f := newFixture(t, mailer, func(o *Options) {
+	client := so.client
+	if client == nil {
+		client = couchtest.Client(t)
+	}
+	f := newFixtureOn(t, client, mailer, func(o *Options) {
 		o.Pairing = PairingUsers
 		o.PublicURL = server
-		if mod != nil {
-			mod(o)
+		if so.devices != nil {
+			so.devices(o)
 		}
 	})
 	if _, err := f.devs.ProvisionControl(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	f.start(t, nil)
+	f.start(t, so.engine)
 	eo := workflowtest.Options(t)
 	eo.Logger = f.devs.log
-	fl, err := f.devs.NewFollowers(FollowerOptions{Engine: eo,
+	if so.engine != nil {
+		so.engine(&eo)
+	}
+	fo := FollowerOptions{Engine: eo,
 		Supervisor:   workflow.SupervisorOptions{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
-		HealInterval: 500 * time.Millisecond})
+		HealInterval: 500 * time.Millisecond}
+	if so.followers != nil {
+		so.followers(&fo)
+	}
+	fl, err := f.devs.NewFollowers(fo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,5 +385,67 @@ func TestOwnerControlDatabaseHeals(t *testing.T) {
 	sec, err := db.Security(ctx)
 	if err != nil || !sameSecurity(sec, userDBSecurity(OwnerRole(owner))) {
 		t.Fatalf("re-created database's _security %v %v", sec, err)
+	}
+}
+
+// TestHealChecksABoundedBatchAndWrapsAround: one heal pass checks at most
+// HealBatch active devices' owners, the next goes on after them, and after
+// the last it starts again, so a database deleted anywhere is put back
+// within ceil(devices/HealBatch) passes while a pass costs the same at any
+// number of owners.
+func TestHealChecksABoundedBatchAndWrapsAround(t *testing.T) {
+	ctx := context.Background()
+	mock := mailtest.StartMock(t, mailtest.MockOptions{})
+	f := newFixture(t, mockMailer(t, mock), func(o *Options) { o.Pairing = PairingUsers })
+	fl, err := f.devs.NewFollowers(FollowerOptions{Engine: workflowtest.Options(t), HealBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := couchtest.Client(t)
+	tag := randomHex(t, 4)
+	var owners []string
+	for i := range 5 {
+		owner := fmt.Sprintf("heal-%s-%d@example.test", tag, i)
+		owners = append(owners, owner)
+		user := fmt.Sprintf("heal%s-%d", tag, i)
+		put(t, f.db, map[string]any{"_id": TrustedID(user), "type": DocType, "state": StateActive,
+			FieldOwner: owner, FieldCouchUser: user, FieldDeviceName: "d", FieldPairingMode: PairingUsers})
+	}
+	t.Cleanup(func() {
+		for _, o := range owners {
+			_ = admin.DestroyDB(context.Background(), UserDBName(o))
+		}
+	})
+	exist := func() int {
+		n := 0
+		for _, o := range owners {
+			if ok, err := admin.DBExists(ctx, UserDBName(o)); err == nil && ok {
+				n++
+			}
+		}
+		return n
+	}
+	for pass, want := range []int{2, 4, 5} {
+		if _, err := fl.Heal(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := exist(); got != want {
+			t.Fatalf("after pass %d: %d owner databases, want %d (at most 2 owners a pass)", pass+1, got, want)
+		}
+	}
+	if err := admin.DestroyDB(ctx, UserDBName(owners[0])); err != nil {
+		t.Fatal(err)
+	}
+	// The third pass reached the end; the next starts again at the first.
+	healed, err := fl.Heal(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if healed != 1 || exist() != 5 {
+		t.Fatalf("pass after the end healed %d, %d databases exist; want the first owner's put back", healed, exist())
+	}
+	var info map[string]any
+	if err := admin.DB(UserDBName(owners[0])).Get(ctx, TrustedID("heal"+tag+"-0")).ScanDoc(&info); err != nil || info["state"] != StateActive {
+		t.Fatalf("device entry not put back: %v %v", info, err)
 	}
 }
