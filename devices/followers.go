@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
 )
 
@@ -142,7 +143,7 @@ func (f *Followers) Heal(ctx context.Context) (int, error) {
 		d.log.Warn("control database provisioning was missing or changed; put back")
 	}
 	owners := map[string][]map[string]any{}
-	_, err = workflow.FindEach(ctx, d.opts.DB,
+	_, err = couch.FindEach(ctx, d.opts.DB,
 		map[string]any{"type": DocType, "state": StateActive, FieldPairingMode: PairingUsers},
 		[]string{"_id", FieldOwner, FieldCouchUser, FieldDeviceName, FieldActivatedAt},
 		func(raw json.RawMessage) error {

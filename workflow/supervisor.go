@@ -930,17 +930,3 @@ func (s *Supervisor) followDBUpdates(ctx context.Context, since string) {
 		}
 	}
 }
-
-// HasDBUpdates reports whether the server offers a usable /_db_updates
-// feed, the way a supervisor decides its discovery mode (without asking
-// again when the server does not answer).
-func HasDBUpdates(ctx context.Context, client *kivik.Client) bool {
-	rows := client.DBUpdates(ctx, kivik.Params(map[string]any{"feed": "normal", "since": "now"}))
-	defer rows.Close()
-	for _, err := range rows.Iterator() {
-		if err != nil {
-			return false
-		}
-	}
-	return true
-}

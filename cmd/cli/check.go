@@ -213,7 +213,7 @@ func checkDatabase(ctx context.Context, rep *checkReport, cfg config.Config, cli
 			}
 		}
 		discovery := fmt.Sprintf("discovery by _all_dbs every %v", cfg.Databases.DiscoveryInterval)
-		if workflow.HasDBUpdates(ctx, client) {
+		if couch.HasDBUpdates(ctx, client) {
 			discovery = fmt.Sprintf("discovery by /_db_updates, with an _all_dbs catch-up every %v",
 				10*cfg.Databases.DiscoveryInterval)
 		}
