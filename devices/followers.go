@@ -11,6 +11,7 @@ import (
 
 	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // Followers are what the users mode follows besides the control database:
@@ -21,7 +22,7 @@ import (
 type Followers struct {
 	d     *Devices
 	users *workflow.Engine
-	dbs   *workflow.Supervisor
+	dbs   *supervisor.Supervisor
 	every time.Duration
 
 	healed atomic.Int64
@@ -34,7 +35,7 @@ type FollowerOptions struct {
 	Engine workflow.Options
 	// Supervisor tunes the supervisor over the per-owner databases; its
 	// Patterns and Engine are set here.
-	Supervisor workflow.SupervisorOptions
+	Supervisor supervisor.Options
 	// HealInterval is how often provisioning is checked and re-applied
 	// (default 1m).
 	HealInterval time.Duration
@@ -77,7 +78,7 @@ func (d *Devices) NewFollowers(opts FollowerOptions) (*Followers, error) {
 	so.Patterns = []string{UserDBPrefix + "*"}
 	so.Engine = opts.Engine
 	so.Engine.PassStateless = false
-	dbs, err := workflow.NewSupervisor(d.opts.Client, dreg, so)
+	dbs, err := supervisor.New(d.opts.Client, dreg, so)
 	if err != nil {
 		return nil, fmt.Errorf("devices: supervisor of %s*: %w", UserDBPrefix, err)
 	}

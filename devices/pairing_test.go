@@ -12,7 +12,7 @@ import (
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/devicetest"
 	"github.com/docstate/docstate/internal/mailtest"
-	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
@@ -51,7 +51,7 @@ func startUsersStackWith(t testing.TB, mock *mailtest.Mock, mailer Mailer, mod f
 	eo := workflowtest.Options(t)
 	eo.Logger = f.devs.log
 	fl, err := f.devs.NewFollowers(FollowerOptions{Engine: eo,
-		Supervisor:   workflow.SupervisorOptions{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
+		Supervisor:   supervisor.Options{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
 		HealInterval: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow/internal/localdoc"
 )
 
 // Status summarises a database for an operator (docstate status).
@@ -51,7 +52,7 @@ const statusPage = 1000
 func Inspect(ctx context.Context, db *kivik.DB, name string, progress func(docs int)) (Status, error) {
 	st := Status{States: map[string]map[string]int{}}
 	var cp checkpointDoc
-	switch err := db.Get(ctx, checkpointID(name)).ScanDoc(&cp); {
+	switch err := db.Get(ctx, localdoc.CheckpointID(name)).ScanDoc(&cp); {
 	case err == nil:
 		st.Checkpoint, st.CheckpointSaved = cp.Seq, cp.Saved.Time
 	case !couch.IsNotFound(err):

@@ -7,12 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/docstate/docstate/workflow/internal/budget"
+	"github.com/docstate/docstate/workflow/internal/localdoc"
+	"github.com/docstate/docstate/workflow/internal/retry"
+	"github.com/docstate/docstate/workflow/internal/supervised"
 	kivik "github.com/go-kivik/kivik/v4"
 )
 
@@ -257,9 +260,10 @@ type Engine struct {
 	stats counters
 	// batch is the group commit, nil when BatchSize is 1.
 	batch *batcher
-	// own holds the revisions this engine wrote (see ownWrites); set by a
-	// supervisor, nil otherwise, so a single engine's writes pay nothing.
-	own *ownWrites
+	// own holds the revisions this engine wrote; set from a supervisor's
+	// hooks (see Run), nil otherwise, so a single engine's writes pay
+	// nothing.
+	own *supervised.OwnWrites
 	// handlerSlots bounds handlers running at once to Workers, while more
 	// workers than that wait for their writes.
 	handlerSlots chan struct{}
@@ -282,8 +286,9 @@ type Engine struct {
 	// for a slot are released rather than run.
 	stopping <-chan struct{}
 	// budget bounds the document bytes held (MaxPendingBytes); a
-	// supervisor's engines share one.
-	budget *byteBudget
+	// supervisor's engines share one. Atomic because Run puts the shared
+	// one in place while the supervisor may already read Stats.
+	budget atomic.Pointer[budget.Budget]
 
 	resetFeed chan struct{}
 	running   atomic.Bool
@@ -331,9 +336,9 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 
 		handlerSlots: make(chan struct{}, opts.Workers),
 		ahead:        newAheadGate(opts.Workers, opts.BatchSize),
-		ownRevs:      newOwnRevs(max(2*opts.MaxPending, maxOwnWrites)),
+		ownRevs:      newOwnRevs(max(2*opts.MaxPending, supervised.MaxOwnWrites)),
 	}
-	e.setBudget(newByteBudget(int64(opts.MaxPendingBytes)))
+	e.setBudget(budget.New(int64(opts.MaxPendingBytes)))
 	if opts.BatchSize > 1 {
 		busy := func() int64 { return e.stats.inflight.Load() - e.parked.Load() }
 		e.batch = newBatcher(db, opts.BatchSize, opts.BatchLinger, busy, e.onFlush)
@@ -356,12 +361,12 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 		}
 		if s.Backoff == nil {
 			base, max := opts.RetryBase, opts.RetryMax
-			s.Backoff = func(attempt int) time.Duration { return backoff(attempt, base, max) }
+			s.Backoff = func(attempt int) time.Duration { return retry.Backoff(attempt, base, max) }
 		}
 		e.specs[key{s.Type, s.State}] = s
 		e.types[s.Type] = true
 	}
-	e.cp = &checkpointer{db: db, id: checkpointID(opts.Name), owner: opts.Owner}
+	e.cp = &checkpointer{db: db, id: localdoc.CheckpointID(opts.Name), owner: opts.Owner}
 	if opts.Members {
 		e.members = newMembers(db, opts.Name, opts.Owner, opts.MemberLease, e.log)
 	}
@@ -370,8 +375,8 @@ func New(db *kivik.DB, reg *Registry, opts Options) (*Engine, error) {
 
 // setBudget makes the engine count its documents' bytes in b. It is called
 // before Run.
-func (e *Engine) setBudget(b *byteBudget) {
-	e.budget = b
+func (e *Engine) setBudget(b *budget.Budget) {
+	e.budget.Store(b)
 	e.q.budget = b
 }
 
@@ -399,6 +404,9 @@ func (e *Engine) NextDue() time.Time {
 	})
 }
 
+// Options returns the options the engine runs with, defaults filled in.
+func (e *Engine) Options() Options { return e.opts }
+
 // hasType reports whether a type has handlers.
 func (e *Engine) hasType(t string) bool { return e.types[t] }
 
@@ -412,6 +420,15 @@ func (e *Engine) Owner() string { return e.opts.Owner }
 func (e *Engine) Run(ctx context.Context) error {
 	if !e.running.CompareAndSwap(false, true) {
 		return errors.New("workflow: engine is already running")
+	}
+	if h := supervised.From(ctx); h != nil {
+		// Before any goroutine of this run: they see the shared budget
+		// and the write record.
+		if h.Budget != nil {
+			e.setBudget(h.Budget)
+		}
+		e.own = h.Own
+		defer func() { h.StartScanned, h.SavedSeq = e.startScanned.Load(), e.cp.savedSeq() }()
 	}
 	since, err := e.loadCheckpoint(ctx)
 	if err != nil {
@@ -516,9 +533,9 @@ func (e *Engine) retry(ctx context.Context, what string, fn func() error) error 
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		d := backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		d := retry.Backoff(attempt, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 		e.log.Warn(what+"; retrying", "err", err, "in", d)
-		if !sleep(ctx, d) {
+		if !retry.Sleep(ctx, d) {
 			return ctx.Err()
 		}
 	}
@@ -663,7 +680,7 @@ func (e *Engine) Stats() Stats {
 		s.Members, s.Rebalances, s.SkippedOther = int64(m.seen()), m.rebalances.Load(), m.skipped.Load()
 	}
 	s.Pending = int64(e.tr.pending())
-	s.PendingBytes, s.PendingBytesPeak = e.budget.stats()
+	s.PendingBytes, s.PendingBytesPeak = e.budget.Load().Stats()
 	s.Delayed = int64(e.q.delayedLen())
 	if t := e.checkpointSaved.Load(); t != 0 {
 		s.CheckpointSaved = time.Unix(0, t)
@@ -683,38 +700,5 @@ func (e *Engine) onFlush(info FlushInfo) {
 	}
 	if e.opts.OnFlush != nil {
 		e.opts.OnFlush(info)
-	}
-}
-
-// backoff is exponential from base, capped at max, with "equal jitter": half
-// the delay is fixed and half random, so retries of many documents that
-// failed together spread out but never come sooner than half the step.
-func backoff(attempt int, base, max time.Duration) time.Duration {
-	if attempt < 1 {
-		attempt = 1
-	}
-	d := base
-	for i := 1; i < attempt && d < max; i++ {
-		d *= 2
-	}
-	if d > max || d <= 0 {
-		d = max
-	}
-	half := d / 2
-	if half <= 0 {
-		return d
-	}
-	return half + rand.N(half+1)
-}
-
-// sleep waits d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }

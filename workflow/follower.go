@@ -13,6 +13,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
 // follow reads the changes feed from since until ctx ends. It never returns
@@ -78,7 +79,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			if ans.ended || !atHead {
 				continue
 			}
-			if !sleep(ctx, e.opts.FeedLinger) {
+			if !retry.Sleep(ctx, e.opts.FeedLinger) {
 				return
 			}
 			continue
@@ -93,7 +94,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		longpoll = false
 		failures++
 		e.stats.feedErrors.Add(1)
-		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		d := retry.Backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 		if couch.IsNotFound(err) {
 			err = fmt.Errorf("%w (%w)", missingDB(e.db), err)
 		}
@@ -287,7 +288,7 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 			e.tr.done([]token{tok})
 			continue
 		}
-		if !e.budget.tryHint(int64(len(doc))) {
+		if !e.budget.Load().TryHint(int64(len(doc))) {
 			// The hints' share of the budget is used up: queue the id
 			// alone, and the run reads the document within the budget.
 			e.q.add(ch.ID, nil, 0, tok)

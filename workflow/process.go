@@ -15,6 +15,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
 // outcome is how a run ended.
@@ -76,7 +77,7 @@ func (e *Engine) process(ctx context.Context, w work) {
 	n := e.q.failed(w.id)
 	e.q.done(w.id, w.tokens, 0)
 	if ctx.Err() == nil {
-		e.q.addAfter(w.id, backoff(n, e.opts.FeedRetryMin, e.opts.FeedRetryMax))
+		e.q.addAfter(w.id, retry.Backoff(n, e.opts.FeedRetryMin, e.opts.FeedRetryMax))
 	}
 }
 
@@ -87,19 +88,19 @@ func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 	raw, read := w.hint, 0
 	// The run holds the document it works on in the byte budget: the
 	// hint's bytes, reserved by the feed, or what it reads.
-	held := &hold{b: e.budget, n: int64(len(w.hint))}
-	defer held.release()
+	held := e.budget.Load().Hold(int64(len(w.hint)))
+	defer held.Release()
 	for range maxRounds {
 		fromHint := raw != nil
 		if raw == nil {
 			// The size is known only once read: reserve the limit,
 			// keep what the document takes.
-			if err := held.acquire(ctx, int64(e.opts.MaxDocBytes)); err != nil {
+			if err := held.Acquire(ctx, int64(e.opts.MaxDocBytes)); err != nil {
 				return transient, 0
 			}
 			var err error
 			raw, err = e.read(ctx, w.id)
-			held.shrink(int64(len(raw)))
+			held.Shrink(int64(len(raw)))
 			if couch.IsNotFound(err) {
 				return finished, 0 // deleted, or the database is gone
 			}
@@ -346,8 +347,8 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 			if out.finished {
 				return out
 			}
-			wait := backoff(attempt, 100*time.Millisecond, 5*time.Second)
-			if time.Now().Add(wait).After(claim.Expires.Time) || !sleep(ctx, wait) {
+			wait := retry.Backoff(attempt, 100*time.Millisecond, 5*time.Second)
+			if time.Now().Add(wait).After(claim.Expires.Time) || !retry.Sleep(ctx, wait) {
 				e.log.Warn("result of unsafe run not written before its lease ran out; the expiry policy decides",
 					"id", doc.ID, "type", doc.Type, "state", doc.State, "key", claim.Key, "policy", spec.OnExpired)
 				return transient
@@ -659,43 +660,9 @@ func (e *Engine) put(ctx context.Context, id string, body map[string]json.RawMes
 		rev, err = e.db.Put(ctx, id, body)
 	}
 	if err == nil {
-		e.own.add(id, rev)
+		e.own.Add(id, rev)
 	}
 	return rev, err
-}
-
-// ownWrites remembers the revisions an engine wrote, so that a supervisor
-// can tell a stopped engine's own late feed rows from someone else's
-// change. It is bounded: when full it starts over, which only makes the
-// supervisor start an engine that finds nothing to do. Only a supervisor's
-// engines keep one; a nil *ownWrites remembers nothing.
-type ownWrites struct {
-	mu   sync.Mutex
-	revs map[string]string // id → last revision written
-}
-
-const maxOwnWrites = 10000
-
-func (o *ownWrites) add(id, rev string) {
-	if o == nil {
-		return
-	}
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.revs == nil || len(o.revs) >= maxOwnWrites {
-		o.revs = make(map[string]string)
-	}
-	o.revs[id] = rev
-}
-
-// wrote reports whether rev of id is the last revision this engine wrote.
-func (o *ownWrites) wrote(id, rev string) bool {
-	if o == nil {
-		return false
-	}
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return rev != "" && o.revs[id] == rev
 }
 
 // reset makes doc reflect body after it was written as rev.
