@@ -35,7 +35,7 @@ import (
 // Conflicts stay visible: style=all_docs lists every leaf revision, so a
 // row with more than one leaf (a stored conflict, or a branch deleted
 // after one) is never taken for the engine's own write, and its fetched
-// body carries _conflicts for the resolver (prove.go).
+// body carries _conflicts for the resolver (conflicts.go).
 
 // ownRevs remembers the last revision this engine wrote of each document,
 // until the feed brings its row. Entries are small (no body); the map is
