@@ -3,6 +3,7 @@ package supervisor
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
 	"time"
 
@@ -67,53 +68,24 @@ func (s *Supervisor) Stats() workflow.Stats {
 	return st.EngineSums
 }
 
-// addStats adds b's counters to a. Gauges are added too: the caller sums
-// running engines only into a fresh Stats for those to be right.
+// addStats adds b's counters to a: every int64 field, so a counter added
+// to workflow.Stats is summed without a list here to forget it in; times
+// (CheckpointSaved, FeedContact) take the later. Gauges are added too: the
+// caller sums running engines only into a fresh Stats for those to be
+// right.
 func addStats(a *workflow.Stats, b workflow.Stats) {
-	a.ChangesReceived += b.ChangesReceived
-	a.Runs += b.Runs
-	a.RunErrors += b.RunErrors
-	a.Panics += b.Panics
-	a.Transitions += b.Transitions
-	a.Noops += b.Noops
-	a.Conflicts += b.Conflicts
-	a.ClaimsWon += b.ClaimsWon
-	a.ClaimsLost += b.ClaimsLost
-	a.ClaimsHeld += b.ClaimsHeld
-	a.ClaimsTakenOver += b.ClaimsTakenOver
-	a.ClaimsExpired += b.ClaimsExpired
-	a.ResultsDropped += b.ResultsDropped
-	a.ClaimsUnproven += b.ClaimsUnproven
-	a.ClaimsProven += b.ClaimsProven
-	a.ClaimsYielded += b.ClaimsYielded
-	a.BranchesRemoved += b.BranchesRemoved
-	a.ConflictsWaiting += b.ConflictsWaiting
-	a.SeqRewinds += b.SeqRewinds
-	a.RetriesScheduled += b.RetriesScheduled
-	a.Failed += b.Failed
-	a.Invalid += b.Invalid
-	a.Skipped += b.Skipped
-	a.Transient += b.Transient
-	a.FeedRequests += b.FeedRequests
-	a.FeedErrors += b.FeedErrors
-	a.FeedResets += b.FeedResets
-	a.CheckpointsSaved += b.CheckpointsSaved
-	a.ResyncQueued += b.ResyncQueued
-	a.Batches += b.Batches
-	a.BatchedWrites += b.BatchedWrites
-	a.ClaimsRenewed += b.ClaimsRenewed
-	a.ClaimsReleased += b.ClaimsReleased
-	a.ClaimsWaiting += b.ClaimsWaiting
-	a.Inflight += b.Inflight
-	a.Queued += b.Queued
-	a.Delayed += b.Delayed
-	a.Pending += b.Pending
-	a.Oversized += b.Oversized
-	if b.CheckpointSaved.After(a.CheckpointSaved) {
-		a.CheckpointSaved = b.CheckpointSaved
-	}
-	if b.FeedContact.After(a.FeedContact) {
-		a.FeedContact = b.FeedContact
+	av, bv := reflect.ValueOf(a).Elem(), reflect.ValueOf(b)
+	for i := range av.NumField() {
+		switch f := av.Field(i); v := bv.Field(i).Interface().(type) {
+		case int64:
+			f.SetInt(f.Int() + v)
+		case time.Time:
+			if v.After(f.Interface().(time.Time)) {
+				f.Set(reflect.ValueOf(v))
+			}
+		}
+		// Any other kind of field is left alone; TestAddStatsSumsEveryField
+		// fails on one, so that it is decided how to sum it.
 	}
 }
 
