@@ -132,4 +132,3 @@ func (h *Hold) Release() {
 	h.b.Release(h.n)
 	h.n = 0
 }
-
