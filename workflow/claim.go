@@ -12,7 +12,7 @@ import (
 
 // runUnsafe claims the document, runs the handler only if the claim was
 // accepted, and writes the result under the claim.
-func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) (outcome, bool) {
+func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) outcome {
 	now := time.Now()
 	claim := &Claim{Owner: e.opts.Owner, Attempt: meta.Claims + 1} // Expires once a slot is ours
 	claim.Key = meta.Key
@@ -23,7 +23,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		if held.Expires.After(now) {
 			e.stats.claimsHeld.Add(1)
 			// Look again when the lease runs out, in case its owner died.
-			return finishedAfter(held.Expires.Sub(now) + time.Second), false
+			return finishedAfter(held.Expires.Sub(now) + time.Second)
 		}
 		reason := fmt.Sprintf("claim %s of %s expired at %s before its result was written; the handler may have run",
 			held.Key, held.Owner, held.Expires.UTC().Format(timeLayout))
@@ -55,11 +55,11 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	if spec.OnExpired == FailExpired {
 		var err error
 		if release, err = e.acquireSlot(ctx); err != nil {
-			return transient, false
+			return transient
 		}
 		defer release()
 	} else if err := e.ahead.enter(ctx, e, spec.Lease); err != nil {
-		return transient, false
+		return transient
 	}
 	inGate := release == nil
 	leaveGate := func() {
@@ -72,13 +72,13 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	claim.Expires = Stamp{time.Now().Add(spec.Lease).UTC().Truncate(time.Millisecond)}
 	body, rev, err := e.commit(ctx, doc, "", nil, nil, meta)
 	if err != nil {
-		return e.settle(err, &e.stats.claimsLost, nil, func(err error) (outcome, bool) {
+		return e.settle(err, &e.stats.claimsLost, nil, func(err error) outcome {
 			return e.fail(ctx, doc, spec, meta, fmt.Sprintf("claim write rejected: %v", err), meta.Attempts+1)
 		})
 	}
 	p := e.proveClaim(ctx, doc, body, rev) // a 202 is not a win on a cluster
 	if !p.won {
-		return p.out, p.conflict
+		return p.out
 	}
 	rev = p.rev
 	if claim.Takeover {
@@ -100,7 +100,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 		release, out, ok = e.waitForSlot(ctx, doc, spec, before, &meta)
 		leaveGate()
 		if !ok {
-			return out, false
+			return out
 		}
 		defer release()
 		claim = meta.Claim
@@ -113,7 +113,7 @@ func (e *Engine) runUnsafe(ctx context.Context, doc *Doc, spec Spec, meta Meta) 
 	res, herr := e.call(runCtx, spec, doc)
 	e.ahead.observe(time.Since(began))
 	release()
-	return e.finishClaim(ctx, doc, spec, meta, claim, res, herr), false
+	return e.finishClaim(ctx, doc, spec, meta, claim, res, herr)
 }
 
 // finishClaim writes an unsafe run's result. The claim makes the result
@@ -124,13 +124,12 @@ func (e *Engine) finishClaim(ctx context.Context, doc *Doc, spec Spec, meta Meta
 	seen := doc.fields
 	for attempt := 1; ; attempt++ {
 		var out outcome
-		var conflict bool
 		if herr != nil {
-			out, conflict = e.recordFailure(ctx, doc, spec, meta, herr)
+			out = e.recordFailure(ctx, doc, spec, meta, herr)
 		} else {
-			out, conflict = e.commitResult(ctx, doc, spec, meta, res, true)
+			out = e.commitResult(ctx, doc, spec, meta, res, true)
 		}
-		if !conflict {
+		if !out.conflict {
 			if out.finished {
 				return out
 			}

@@ -15,14 +15,14 @@ import (
 
 // resolve removes a conflicted workflow document's losing branches (rule 5
 // in prove.go). It runs before anything else is done with the document.
-func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome, bool) {
+func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) outcome {
 	if fromHint {
-		return outcome{}, true // the feed's body may be older: read the server's
+		return conflicted // the feed's body may be older: read the server's
 	}
 	leaves, err := e.withConflicts(ctx, doc)
 	if err != nil {
 		e.log.Debug("cannot read conflicting revisions", "id", doc.ID, "err", err)
-		return transient, false
+		return transient
 	}
 	now := time.Now()
 	var live time.Time
@@ -37,19 +37,19 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome,
 		// yield brings the document back; the lease is the fallback.
 		e.stats.conflictsWaiting.Add(1)
 		e.log.Debug("conflicted document has a live claim on a branch; resolving later", "id", doc.ID, "until", live)
-		return finishedAfter(live.Sub(now) + time.Second), false
+		return finishedAfter(live.Sub(now) + time.Second)
 	}
 	keep := survivor(leaves)
 	merged, changed := mergeMeta(leaves, keep)
 	if len(leaves) == 1 {
-		return outcome{}, true // resolved meanwhile
+		return conflicted // resolved meanwhile
 	}
 	set := e.maxFields(leaves, keep)
 	if changed || len(set) > 0 {
 		sdoc := leaves[keep].doc
 		sdoc.db = e.db
 		if _, _, err := e.commit(ctx, sdoc, "", set, nil, merged); err != nil {
-			return e.settle(err, &e.stats.conflicts, func() outcome { return transient }, func(error) (outcome, bool) { return transient, false })
+			return e.settle(err, &e.stats.conflicts, func() outcome { return transient }, func(error) outcome { return transient })
 		}
 	}
 	var tombs []any
@@ -60,7 +60,7 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome,
 	}
 	results, err := e.db.BulkDocs(ctx, tombs)
 	if err != nil {
-		return transient, false
+		return transient
 	}
 	removed := 0
 	for _, r := range results {
@@ -70,7 +70,7 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) (outcome,
 	}
 	e.stats.conflictsResolved.Add(int64(removed))
 	e.log.Info("conflicted document resolved", "id", doc.ID, "type", doc.Type, "kept", leaves[keep].rev, "removed", removed)
-	return outcome{}, true // read the resolved document and go on from it
+	return conflicted // read the resolved document and go on from it
 }
 
 // liveClaim returns the expiry of a live, unyielded claim on a branch, or

@@ -13,7 +13,11 @@ import (
 	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
-// outcome is how a run ended.
+// outcome is how a run, or one round of it, ended: finished (perhaps with
+// another look after a delay), transient (repeated with backoff), or
+// conflicted (the round's write lost to a newer revision, or what it read
+// may be stale: read the document again and repeat the round; a run never
+// ends conflicted).
 type outcome struct {
 	// finished: the changes the run covered are handled, or recorded on the
 	// document (a retry time, a claim held by another) where the resync scan
@@ -22,11 +26,14 @@ type outcome struct {
 	finished bool
 	// after asks for another look at the document after this delay.
 	after time.Duration
+	// conflict: read the document again and repeat the round.
+	conflict bool
 }
 
 var (
-	finished  = outcome{finished: true}
-	transient = outcome{}
+	finished   = outcome{finished: true}
+	transient  = outcome{}
+	conflicted = outcome{conflict: true}
 )
 
 func finishedAfter(d time.Duration) outcome { return outcome{finished: true, after: d} }
@@ -108,8 +115,7 @@ func (e *Engine) handle(ctx context.Context, w work) (outcome, int) {
 				return transient, 0
 			}
 		}
-		out, conflict := e.evaluate(ctx, raw, &read, fromHint)
-		if !conflict {
+		if out := e.evaluate(ctx, raw, &read, fromHint); !out.conflict {
 			return out, read
 		}
 		raw = nil
@@ -144,7 +150,7 @@ func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
 // conflict means a write lost to a newer revision: read again and repeat.
 // fromHint says raw is the feed's body, which may be older than the
 // document on the server.
-func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint bool) (outcome, bool) {
+func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint bool) outcome {
 	doc, err := parseDoc(raw, e.hasType)
 	if doc != nil {
 		*read = revGeneration(doc.Rev)
@@ -154,12 +160,12 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 	switch {
 	case errors.As(err, &invalid) && e.opts.PassStateless && !doc.Has("state"):
 		e.stats.skipped.Add(1)
-		return finished, false
+		return finished
 	case errors.As(err, &invalid):
 		return e.recordInvalid(ctx, doc, invalid)
 	case err != nil:
 		e.stats.skipped.Add(1)
-		return finished, false
+		return finished
 	}
 	if len(doc.conflicts) > 0 {
 		return e.resolve(ctx, doc, fromHint)
@@ -172,15 +178,15 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 	now := time.Now()
 	if meta.Claim == nil {
 		if t := meta.RetryAt.time(); t.After(now) {
-			return finishedAfter(t.Sub(now)), false
+			return finishedAfter(t.Sub(now))
 		}
 		wake := meta.WakeAt.time()
 		if meta.Settled != 0 && meta.Settled == revGeneration(doc.Rev) && (wake.IsZero() || wake.After(now)) && !e.takeRecheck(doc.ID) {
 			// Nothing changed since the handler ran and stayed.
 			if !wake.IsZero() {
-				return finishedAfter(wake.Sub(now)), false
+				return finishedAfter(wake.Sub(now))
 			}
-			return finished, false
+			return finished
 		}
 	}
 	doc.Attempt = meta.Attempts + 1
@@ -190,18 +196,18 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 			// A live claim in the feed's body may be long released on
 			// the server (our own claim's row, read back after the run):
 			// look at the server's copy before waiting out a lease.
-			return outcome{}, true
+			return conflicted
 		}
-		out, conflict := e.runUnsafe(ctx, doc, spec, meta)
+		out := e.runUnsafe(ctx, doc, spec, meta)
 		// The run knows the revision its claim wrote: the feed's row for
 		// it (its body still showing the claim) must not bring the
 		// document back as held by a live claim of our own.
 		*read = max(*read, doc.claimedGen)
-		return out, conflict
+		return out
 	}
 	release, err := e.acquireSlot(ctx)
 	if err != nil {
-		return transient, false
+		return transient
 	}
 	res, herr := e.call(ctx, spec, doc)
 	release()
@@ -255,7 +261,7 @@ func (e *Engine) call(ctx context.Context, spec Spec, doc *Doc) (res Result, err
 }
 
 // commitResult writes a handler's result.
-func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Meta, res Result, claimed bool) (outcome, bool) {
+func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Meta, res Result, claimed bool) outcome {
 	if err := res.validate(); err != nil {
 		return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("handler returned an invalid result: %w", err)))
 	}
@@ -275,7 +281,7 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 		}
 		if !claimed && len(res.unset) == 0 && sameFields(doc.fields, set) && sameMeta(meta, next) {
 			e.stats.noops.Add(1)
-			return e.after(doc.ID, res), false
+			return e.after(doc.ID, res)
 		}
 	}
 	_, _, err = e.commit(ctx, doc, state, set, res.unset, next)
@@ -288,7 +294,7 @@ func (e *Engine) commitResult(ctx context.Context, doc *Doc, spec Spec, meta Met
 			}
 			return e.after(doc.ID, res)
 		},
-		func(err error) (outcome, bool) {
+		func(err error) outcome {
 			return e.recordFailure(ctx, doc, spec, meta, Terminal(fmt.Errorf("the server rejected the result: %w", err)))
 		})
 }

@@ -63,10 +63,9 @@ import (
 
 // proof is what proveClaim decided.
 type proof struct {
-	won      bool
-	rev      string // the claim's revision to run under, when won
-	out      outcome
-	conflict bool
+	won bool
+	rev string  // the claim's revision to run under, when won
+	out outcome // when not won: conflicted, or how the run ends
 }
 
 // proveClaim decides whether the claim just written as rev with body may
@@ -87,7 +86,7 @@ func (e *Engine) proveClaim(ctx context.Context, doc *Doc, body map[string]json.
 	case couch.IsConflict(err):
 		// Someone wrote on our branch: only a resolver does, and it keeps
 		// a branch with a live claim. Read again.
-		return proof{conflict: true}
+		return proof{out: conflicted}
 	case err != nil:
 		// Whether the confirmation landed is unknown; the claim stays
 		// and its lease decides.

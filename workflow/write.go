@@ -19,19 +19,19 @@ import (
 // again (conflicts counts it); a missing document or database ends the run;
 // an outage repeats it later. Success and a refusal of this particular
 // document are the caller's to handle.
-func (e *Engine) settle(err error, conflicts *atomic.Int64, ok func() outcome, rejected func(error) (outcome, bool)) (outcome, bool) {
+func (e *Engine) settle(err error, conflicts *atomic.Int64, ok func() outcome, rejected func(error) outcome) outcome {
 	switch classify(err) {
 	case writeOK:
-		return ok(), false
+		return ok()
 	case writeConflict:
 		conflicts.Add(1)
-		return outcome{}, true
+		return conflicted
 	case writeGone:
-		return finished, false
+		return finished
 	case writeRejected:
 		return rejected(err)
 	default:
-		return transient, false
+		return transient
 	}
 }
 
