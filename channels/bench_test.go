@@ -22,6 +22,7 @@ import (
 	"github.com/docstate/docstate/devices"
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // BenchmarkUserChannels asks for channels by replication at scale, on one
@@ -117,7 +118,7 @@ func BenchmarkUserChannels(b *testing.B) {
 		b.Fatal(err)
 	}
 	heapBefore := heapInUse()
-	sup, err := workflow.NewSupervisor(admin, reg, workflow.SupervisorOptions{
+	sup, err := supervisor.New(admin, reg, supervisor.Options{
 		// The default discovery interval, as deployed: with /_db_updates its
 		// full listing (an info request per owner database) runs every 10
 		// intervals, which at 1s cost 100 requests/s per 1,000 owners.

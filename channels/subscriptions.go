@@ -128,7 +128,7 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 	control := c.opts.DB.Name()
 	want := map[placed]subscription{}
 	if len(roles) > 0 {
-		_, err := workflow.FindEach(ctx, c.opts.DB,
+		_, err := couch.FindEach(ctx, c.opts.DB,
 			map[string]any{"type": identity.DeviceType, "state": identity.StateActive},
 			[]string{"_id", identity.FieldOwnerRole, identity.FieldCouchUser, identity.FieldPairingMode},
 			func(raw json.RawMessage) error {
@@ -169,7 +169,7 @@ func (c *Channels) reconcileSubscriptions(ctx context.Context, channelID, databa
 	}
 	have := map[placed]subscription{}
 	for _, name := range dbs {
-		_, err := workflow.FindEach(ctx, c.opts.Client.DB(name),
+		_, err := couch.FindEach(ctx, c.opts.Client.DB(name),
 			map[string]any{"type": SubscriptionType, "channel": channelID}, nil,
 			func(raw json.RawMessage) error {
 				var s subscription

@@ -27,7 +27,7 @@ type Config struct {
 	Databases Databases `yaml:"databases"`
 }
 
-// Databases configures many-database mode (workflow.Supervisor): with
+// Databases configures many-database mode (supervisor.Supervisor): with
 // Patterns set, every database whose name matches is watched instead of
 // Database.
 type Databases struct {

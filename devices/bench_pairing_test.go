@@ -29,6 +29,7 @@ import (
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // recordingMailer sends through the real SMTP mock and tells the benchmark
@@ -109,7 +110,7 @@ func BenchmarkPairing(b *testing.B) {
 		},
 		followers: func(o *FollowerOptions) {
 			if !testIntervals {
-				o.Supervisor, o.HealInterval = workflow.SupervisorOptions{}, 0
+				o.Supervisor, o.HealInterval = supervisor.Options{}, 0
 			}
 		},
 	})

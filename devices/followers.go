@@ -9,7 +9,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/docstate/docstate/internal/couch"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // Followers are what the users mode follows besides the control database:
@@ -20,7 +22,7 @@ import (
 type Followers struct {
 	d     *Devices
 	users *workflow.Engine
-	dbs   *workflow.Supervisor
+	dbs   *supervisor.Supervisor
 	every time.Duration
 	batch int
 
@@ -39,7 +41,7 @@ type FollowerOptions struct {
 	Engine workflow.Options
 	// Supervisor tunes the supervisor over the per-owner databases; its
 	// Patterns and Engine are set here.
-	Supervisor workflow.SupervisorOptions
+	Supervisor supervisor.Options
 	// HealInterval is how often provisioning is checked and re-applied
 	// (default 1m).
 	HealInterval time.Duration
@@ -95,7 +97,7 @@ func (d *Devices) NewFollowers(opts FollowerOptions) (*Followers, error) {
 	so.Patterns = []string{UserDBPrefix + "*"}
 	so.Engine = opts.Engine
 	so.Engine.PassStateless = false
-	dbs, err := workflow.NewSupervisor(d.opts.Client, dreg, so)
+	dbs, err := supervisor.New(d.opts.Client, dreg, so)
 	if err != nil {
 		return nil, fmt.Errorf("devices: supervisor of %s*: %w", UserDBPrefix, err)
 	}
@@ -236,7 +238,7 @@ func activeDevices(ctx context.Context, d *Devices, extra map[string]any, limit 
 		return nil
 	}
 	if limit == 0 {
-		_, err := workflow.FindEach(ctx, d.opts.DB, sel, fields, each)
+		_, err := couch.FindEach(ctx, d.opts.DB, sel, fields, each)
 		return err
 	}
 	// One page, in _id order from the cursor: Mango sorts by _id without
@@ -244,7 +246,7 @@ func activeDevices(ctx context.Context, d *Devices, extra map[string]any, limit 
 	rows := d.opts.DB.Find(ctx, map[string]any{"selector": sel, "fields": fields,
 		"sort": []map[string]string{{"_id": "asc"}}, "limit": limit})
 	defer rows.Close()
-	// Iterator, as workflow.FindEach reads a page.
+	// Iterator, as couch.FindEach reads a page.
 	for row, err := range rows.Iterator() {
 		if err != nil {
 			return err

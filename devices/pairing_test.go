@@ -15,6 +15,7 @@ import (
 	"github.com/docstate/docstate/internal/devicetest"
 	"github.com/docstate/docstate/internal/mailtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
@@ -75,7 +76,7 @@ func startUsersStackOn(t testing.TB, mock *mailtest.Mock, mailer Mailer, so stac
 		so.engine(&eo)
 	}
 	fo := FollowerOptions{Engine: eo,
-		Supervisor:   workflow.SupervisorOptions{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
+		Supervisor:   supervisor.Options{DiscoveryInterval: 300 * time.Millisecond, IdleStop: 2 * time.Second},
 		HealInterval: 500 * time.Millisecond}
 	if so.followers != nil {
 		so.followers(&fo)

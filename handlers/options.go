@@ -3,6 +3,7 @@ package handlers
 import (
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // EngineOptions maps the configuration onto the engine's options.
@@ -38,10 +39,10 @@ func EngineOptions(cfg config.Config) workflow.Options {
 
 // SupervisorOptions maps the configuration onto many-database mode's
 // options; ok is false in single-database mode.
-func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
+func SupervisorOptions(cfg config.Config) (supervisor.Options, bool) {
 	d := cfg.Databases
 	patterns := d.PatternList()
-	return workflow.SupervisorOptions{
+	return supervisor.Options{
 		Patterns:          patterns,
 		MaxOpen:           d.MaxOpen,
 		DiscoveryInterval: d.DiscoveryInterval,

@@ -242,7 +242,7 @@ func (e *Engine) rewriteClaim(ctx context.Context, doc *Doc, meta *Meta, change 
 		if err != nil {
 			return fmt.Errorf("document changed under its claim: %w", err)
 		}
-		fm := fresh.meta.forState(fresh.State)
+		fm := fresh.meta.ForState(fresh.State)
 		if fresh.State != doc.State || fm.Claim == nil || fm.Claim.Owner != claim.Owner || fm.Claim.Attempt != claim.Attempt {
 			return fmt.Errorf("the claim is no longer ours: %w", errClaimGone)
 		}

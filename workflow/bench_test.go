@@ -150,3 +150,15 @@ func stop(b *testing.B, eng *workflowtest.Running) {
 	eng.Stop(b)
 	time.Sleep(300 * time.Millisecond)
 }
+
+func envInt(b *testing.B, name string, def int) int {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		b.Fatalf("%s=%q: want a positive number", name, v)
+	}
+	return n
+}

@@ -37,9 +37,6 @@ type noDatabaseError struct{ name string }
 func (e noDatabaseError) Error() string        { return "database " + e.name + " does not exist" }
 func (e noDatabaseError) Is(target error) bool { return target == ErrNoDatabase }
 
-// checkpointID is where engine name keeps its checkpoint.
-func checkpointID(name string) string { return "_local/docstate-" + name }
-
 // checkpointDoc is stored at _local/docstate-<name>. _local documents do not
 // replicate and are not in the changes feed, so saving one never wakes the
 // engine itself.

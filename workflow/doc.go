@@ -48,4 +48,11 @@
 //	})
 //	eng, err := workflow.New(db, reg, workflow.Options{})
 //	err = eng.Run(ctx) // until ctx ends, then drains
+//
+// # Around the engine
+//
+// Package workflow/workflowtest runs handlers without a server or against a
+// test database; workflow/supervisor runs a registry over many databases
+// (one engine per database with work); workflow/admin holds the operator
+// tools (status, retry, replay).
 package workflow

@@ -144,8 +144,9 @@ type Meta struct {
 	Yielded bool `json:"yielded,omitempty"`
 }
 
-// forState returns the meta that applies to state: stale fields are dropped.
-func (m Meta) forState(state string) Meta {
+// ForState returns the bookkeeping that applies to state: the stale fields
+// (those of an earlier state) are dropped.
+func (m Meta) ForState(state string) Meta {
 	if m.State == state {
 		return m
 	}
@@ -262,7 +263,7 @@ func NewDoc(raw []byte) (*Doc, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.Attempt = d.meta.forState(d.State).Attempts + 1
+	d.Attempt = d.meta.ForState(d.State).Attempts + 1
 	return d, nil
 }
 

@@ -35,7 +35,7 @@ import (
 // Conflicts stay visible: style=all_docs lists every leaf revision, so a
 // row with more than one leaf (a stored conflict, or a branch deleted
 // after one) is never taken for the engine's own write, and its fetched
-// body carries _conflicts for the resolver (prove.go).
+// body carries _conflicts for the resolver (conflicts.go).
 
 // ownRevs remembers the last revision this engine wrote of each document,
 // until the feed brings its row. Entries are small (no body); the map is
@@ -222,7 +222,7 @@ func (e *Engine) fetchChunk(ctx context.Context, rows []fetchRow) {
 		var head struct {
 			Rev string `json:"_rev"`
 		}
-		if _, dup := bodies[id]; dup || json.Unmarshal(doc, &head) != nil || !e.budget.tryHint(int64(len(doc))) {
+		if _, dup := bodies[id]; dup || json.Unmarshal(doc, &head) != nil || !e.budget.Load().TryHint(int64(len(doc))) {
 			return
 		}
 		bodies[id] = fetched{body: []byte(doc), gen: revGeneration(head.Rev)}
@@ -244,7 +244,7 @@ func (e *Engine) fetchChunk(ctx context.Context, rows []fetchRow) {
 		f, ok := bodies[r.id]
 		if !ok || f.gen == 0 {
 			if ok {
-				e.budget.hintDropped(int64(len(f.body)))
+				e.budget.Load().HintDropped(int64(len(f.body)))
 				delete(bodies, r.id)
 			}
 			e.q.add(r.id, nil, 0, r.tok)
@@ -255,7 +255,7 @@ func (e *Engine) fetchChunk(ctx context.Context, rows []fetchRow) {
 	}
 	// Left over only when a row's id came twice in one answer.
 	for _, f := range bodies {
-		e.budget.hintDropped(int64(len(f.body)))
+		e.budget.Load().HintDropped(int64(len(f.body)))
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,6 +12,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
 // follow reads the changes feed from since until ctx ends. It never returns
@@ -78,7 +78,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 			if ans.ended || !atHead {
 				continue
 			}
-			if !sleep(ctx, e.opts.FeedLinger) {
+			if !retry.Sleep(ctx, e.opts.FeedLinger) {
 				return
 			}
 			continue
@@ -93,7 +93,7 @@ func (e *Engine) follow(ctx context.Context, since string) {
 		longpoll = false
 		failures++
 		e.stats.feedErrors.Add(1)
-		d := backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
+		d := retry.Backoff(failures, e.opts.FeedRetryMin, e.opts.FeedRetryMax)
 		if couch.IsNotFound(err) {
 			err = fmt.Errorf("%w (%w)", missingDB(e.db), err)
 		}
@@ -287,7 +287,7 @@ func (e *Engine) poll(ctx context.Context, since string, longpoll bool) (feedAns
 			e.tr.done([]token{tok})
 			continue
 		}
-		if !e.budget.tryHint(int64(len(doc))) {
+		if !e.budget.Load().TryHint(int64(len(doc))) {
 			// The hints' share of the budget is used up: queue the id
 			// alone, and the run reads the document within the budget.
 			e.q.add(ch.ID, nil, 0, tok)
@@ -355,23 +355,6 @@ func revOf(changes []string) string {
 	return changes[0]
 }
 
-// seqRewound reports whether seq, the first row after since, lies before
-// it. CouchDB 3 sequences are opaque strings ("123-g1AAAA…") whose numeric
-// prefix is a sum over shards, which grows except when a shard copy is
-// lost; PouchDB Server's are plain numbers. Anything else is never called
-// a rewind.
-func seqRewound(since, seq string) bool {
-	a, okA := seqNumber(since)
-	b, okB := seqNumber(seq)
-	return okA && okB && b < a
-}
-
-func seqNumber(seq string) (int64, bool) {
-	n, _, _ := strings.Cut(seq, "-")
-	v, err := strconv.ParseInt(n, 10, 64)
-	return v, err == nil
-}
-
 // jsonDoc keeps the document bytes from the feed as they came.
 type jsonDoc []byte
 
@@ -381,30 +364,4 @@ func (d *jsonDoc) UnmarshalJSON(b []byte) error {
 	}
 	*d = append((*d)[:0], b...)
 	return nil
-}
-
-// afterMissing waits out a missing database: once it exists again, an
-// unchanged checkpoint means it was only unreachable; anything else means
-// it was re-created.
-func (e *Engine) afterMissing(ctx context.Context, since string) string {
-	err := e.cp.verify(ctx)
-	if errors.Is(err, errRecreated) {
-		if _, infoErr := e.db.Stats(ctx); infoErr == nil {
-			return e.restartFeed(ctx)
-		}
-	}
-	return since
-}
-
-// restartFeed starts over from 0 in a re-created database. Changes in
-// flight from the old database become void; the level-triggered workers
-// re-read whatever they were doing anyway.
-func (e *Engine) restartFeed(ctx context.Context) string {
-	e.stats.feedResets.Add(1)
-	_ = e.retry(ctx, "cannot write checkpoint in re-created database", func() error { return e.cp.restart(ctx) })
-	e.tr.reset("0")
-	// Revisions written in the old database say nothing about the new one.
-	e.ownRevs.reset()
-	e.log.Warn("feed restarted from 0 in a re-created database")
-	return "0"
 }

@@ -14,6 +14,7 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
 // Several daemons on one database split its documents between them with no
@@ -136,7 +137,7 @@ func (m *members) run(ctx context.Context) {
 		if err := m.refresh(ctx); err != nil && ctx.Err() == nil {
 			m.log.Warn("membership not read", "err", err)
 		}
-		if !sleep(ctx, every) {
+		if !retry.Sleep(ctx, every) {
 			break
 		}
 	}

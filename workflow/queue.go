@@ -5,6 +5,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/docstate/docstate/workflow/internal/budget"
 )
 
 // queue holds document ids waiting for a worker, in the manner of client-go's
@@ -29,9 +31,9 @@ type queue struct {
 	wake      chan struct{}
 
 	// budget holds the bytes of the hints (nil: not counted). A hint
-	// handed to add was reserved with budget.tryHint; the queue gives it
+	// handed to add was reserved with budget.TryHint; the queue gives it
 	// back when it drops the hint, or passes it on with the work.
-	budget *byteBudget
+	budget *budget.Budget
 }
 
 type entry struct {
@@ -129,7 +131,7 @@ func (q *queue) get() (work, bool) {
 	e.processing = true
 	w := work{id: id, hint: e.hint, tokens: e.tokens}
 	if q.budget != nil && e.hint != nil {
-		q.budget.hintTaken(int64(len(e.hint)))
+		q.budget.HintTaken(int64(len(e.hint)))
 	}
 	e.hint, e.hintGen, e.tokens = nil, 0, nil
 	return w, true
@@ -184,7 +186,7 @@ func (q *queue) done(id string, giveBack []token, covered int) []token {
 // dropHint gives a hint's bytes back; q.mu is held.
 func (q *queue) dropHint(hint []byte) {
 	if q.budget != nil && len(hint) > 0 {
-		q.budget.hintDropped(int64(len(hint)))
+		q.budget.HintDropped(int64(len(hint)))
 	}
 }
 

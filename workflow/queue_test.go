@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/docstate/docstate/workflow/internal/retry"
 )
 
 func TestQueueCoalescesAndNeverRunsAnIDTwiceAtOnce(t *testing.T) {
@@ -194,7 +196,7 @@ func TestTrackerWaitBelowUnblocksOnProgress(t *testing.T) {
 
 func TestBackoffGrowsWithinBounds(t *testing.T) {
 	for attempt := 1; attempt < 40; attempt++ {
-		d := backoff(attempt, time.Second, time.Minute)
+		d := retry.Backoff(attempt, time.Second, time.Minute)
 		want := time.Second << min(attempt-1, 6)
 		if want > time.Minute {
 			want = time.Minute

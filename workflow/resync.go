@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/docstate/docstate/internal/couch"
 	kivik "github.com/go-kivik/kivik/v4"
 )
 
@@ -91,8 +92,6 @@ func (e *Engine) scanDue(ctx context.Context) (int, error) {
 	return e.find(ctx, map[string]any{metaField + ".due": map[string]any{"$lte": now}})
 }
 
-const scanPage = 1000
-
 // find queues the ids matching selector.
 func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error) {
 	n, err := forEachID(ctx, e.db, selector, func(id string) { e.q.add(id, nil, 0) })
@@ -102,7 +101,7 @@ func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error)
 
 // forEachID calls fn with every id matching selector.
 func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn func(id string)) (int, error) {
-	return FindEach(ctx, db, selector, []string{"_id"}, func(doc json.RawMessage) error {
+	return couch.FindEach(ctx, db, selector, []string{"_id"}, func(doc json.RawMessage) error {
 		var d struct {
 			ID string `json:"_id"`
 		}
@@ -111,58 +110,4 @@ func forEachID(ctx context.Context, db *kivik.DB, selector map[string]any, fn fu
 		}
 		return nil
 	})
-}
-
-// FindEach calls fn with every document matching the Mango selector (only
-// fields, which must include "_id"; nil: whole documents), a page at a time in _id order, and
-// returns how many it passed. Paging by _id rather than skip keeps each
-// page's cost flat; Mango can sort by _id without an index, so nothing is
-// created in the database. An error from fn stops the scan and is returned.
-func FindEach(ctx context.Context, db *kivik.DB, selector map[string]any, fields []string, fn func(doc json.RawMessage) error) (int, error) {
-	total, last := 0, ""
-	for {
-		sel := make(map[string]any, len(selector)+1)
-		for k, v := range selector {
-			sel[k] = v
-		}
-		sel["_id"] = map[string]any{"$gt": last}
-		query := map[string]any{
-			"selector": sel,
-			"sort":     []map[string]string{{"_id": "asc"}},
-			"limit":    scanPage,
-		}
-		if fields != nil {
-			query["fields"] = fields
-		}
-		rows := db.Find(ctx, query)
-		// Iterator, not rows.ScanDoc: see poll for the race it avoids.
-		n := 0
-		var err error
-		for row, rowErr := range rows.Iterator() {
-			if rowErr != nil {
-				err = rowErr
-				break
-			}
-			var doc jsonDoc
-			var d struct {
-				ID string `json:"_id"`
-			}
-			if row.ScanDoc(&doc) != nil || json.Unmarshal(doc, &d) != nil || d.ID == "" {
-				continue
-			}
-			last = d.ID
-			n++
-			if err = fn(json.RawMessage(doc)); err != nil {
-				break
-			}
-		}
-		_ = rows.Close()
-		total += n
-		if err != nil {
-			return total, err
-		}
-		if n < scanPage {
-			return total, nil
-		}
-	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/admin"
 )
 
 func newStatusCmd(g *globals, opts Options) *cobra.Command {
@@ -41,7 +42,7 @@ when it is a terminal.`,
 			if isTerminal(cmd.ErrOrStderr()) {
 				progress = func(n int) { fmt.Fprintf(cmd.ErrOrStderr(), "\rread %d documents", n) }
 			}
-			st, err := workflow.Inspect(cmd.Context(), db, cfg.Engine.Name, progress)
+			st, err := admin.Inspect(cmd.Context(), db, cfg.Engine.Name, progress)
 			if progress != nil {
 				fmt.Fprintln(cmd.ErrOrStderr())
 			}
@@ -59,7 +60,7 @@ when it is a terminal.`,
 	return cmd
 }
 
-func printStatus(w io.Writer, db, name string, st workflow.Status) {
+func printStatus(w io.Writer, db, name string, st admin.Status) {
 	saved := "never"
 	if !st.CheckpointSaved.IsZero() {
 		saved = fmt.Sprintf("%s (%s ago)", st.CheckpointSaved.UTC().Format(time.RFC3339), time.Since(st.CheckpointSaved).Round(time.Second))
@@ -95,9 +96,9 @@ func printStatus(w io.Writer, db, name string, st workflow.Status) {
 // redrive is retry and replay: they select documents the same way and
 // print what they did.
 func newRedriveCmd(g *globals, opts Options, use, short, long, example string, withSince bool,
-	act func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error)) *cobra.Command {
+	act func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel admin.Selection) (admin.Report, error)) *cobra.Command {
 	var since string
-	var sel workflow.Selection
+	var sel admin.Selection
 	cmd := &cobra.Command{
 		Use:     use,
 		Short:   short,
@@ -123,7 +124,7 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 				if len(ids) > 0 || sel.Type != "" {
 					return fmt.Errorf("--since cannot be combined with ids or --type")
 				}
-				if sel.IDs, err = workflow.ChangedSince(cmd.Context(), db, since); err != nil {
+				if sel.IDs, err = admin.ChangedSince(cmd.Context(), db, since); err != nil {
 					return err
 				}
 			}
@@ -135,11 +136,11 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 					fmt.Fprintf(stderr, "\r%d/%d documents", done, total)
 				}
 			}
-			var rep workflow.Report
+			var rep admin.Report
 			if since == "" || len(sel.IDs) > 0 {
 				rep, err = act(cmd, env, reg, sel)
 			} else {
-				rep = workflow.Report{DryRun: sel.DryRun, Touched: []workflow.Touched{}, Errors: []workflow.DocError{}}
+				rep = admin.Report{DryRun: sel.DryRun, Touched: []admin.Touched{}, Errors: []admin.DocError{}}
 			}
 			if progressed {
 				fmt.Fprintln(stderr)
@@ -173,7 +174,7 @@ func newRedriveCmd(g *globals, opts Options, use, short, long, example string, w
 
 // printReport writes the documents acted on and a summary line to out, and
 // each failed document to errOut.
-func printReport(out, errOut io.Writer, rep workflow.Report) {
+func printReport(out, errOut io.Writer, rep admin.Report) {
 	if len(rep.Touched) > 0 {
 		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tTYPE\tFROM\tTO\tHANDLER")
@@ -228,11 +229,11 @@ handler again: check the side effect did not happen first.`,
 		`  docstate retry --type order --dry-run
   docstate retry order-17 order-18
   docstate retry --type order --state error -o json | jq '.documents[].id'`, false,
-		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error) {
+		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel admin.Selection) (admin.Report, error) {
 			if len(sel.IDs) == 0 && sel.State == "" {
 				sel.State = workflow.DefaultErrorState
 			}
-			return workflow.Retry(cmd.Context(), env.DB, reg, sel)
+			return admin.Retry(cmd.Context(), env.DB, reg, sel)
 		})
 }
 
@@ -253,7 +254,7 @@ it is a terminal.`,
 		`  docstate replay --since 0 --dry-run
   docstate replay --type order --state accepted
   docstate replay order-17 -o json`, true,
-		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel workflow.Selection) (workflow.Report, error) {
-			return workflow.Replay(cmd.Context(), env.DB, reg, sel)
+		func(cmd *cobra.Command, env Env, reg *workflow.Registry, sel admin.Selection) (admin.Report, error) {
+			return admin.Replay(cmd.Context(), env.DB, reg, sel)
 		})
 }

@@ -17,7 +17,7 @@ import (
 	"github.com/docstate/docstate/config"
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/couch"
-	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // Check statuses. A warning does not fail the check: the daemon would run,
@@ -208,12 +208,12 @@ func checkDatabase(ctx context.Context, rep *checkReport, cfg config.Config, cli
 		}
 		n := 0
 		for _, name := range names {
-			if workflow.MatchDatabase(patterns, name) {
+			if supervisor.MatchDatabase(patterns, name) {
 				n++
 			}
 		}
 		discovery := fmt.Sprintf("discovery by _all_dbs every %v", cfg.Databases.DiscoveryInterval)
-		if workflow.HasDBUpdates(ctx, client) {
+		if couch.HasDBUpdates(ctx, client) {
 			discovery = fmt.Sprintf("discovery by /_db_updates, with an _all_dbs catch-up every %v",
 				10*cfg.Databases.DiscoveryInterval)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/docstate/docstate/handlers"
 	"github.com/docstate/docstate/internal/metrics"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 func newRunCmd(g *globals, opts Options) *cobra.Command {
@@ -125,7 +126,7 @@ func EngineOptions(cfg config.Config) workflow.Options { return handlers.EngineO
 
 // SupervisorOptions maps the configuration onto the supervisor's options
 // (handlers.SupervisorOptions); false when no patterns are set.
-func SupervisorOptions(cfg config.Config) (workflow.SupervisorOptions, bool) {
+func SupervisorOptions(cfg config.Config) (supervisor.Options, bool) {
 	return handlers.SupervisorOptions(cfg)
 }
 
@@ -139,7 +140,7 @@ type follower interface {
 
 var (
 	_ follower = (*workflow.Engine)(nil)
-	_ follower = (*workflow.Supervisor)(nil)
+	_ follower = (*supervisor.Supervisor)(nil)
 )
 
 // build makes the handler sets, registry and follower for cfg.
@@ -160,7 +161,7 @@ func build(cfg config.Config, opts Options, env Env) ([]handlers.Set, *workflow.
 	}
 	if sopts, many := SupervisorOptions(cfg); many {
 		sopts.Engine = eopts
-		sup, err := workflow.NewSupervisor(env.Client, reg, sopts)
+		sup, err := supervisor.New(env.Client, reg, sopts)
 		if err != nil {
 			return nil, nil, nil, err
 		}
@@ -260,7 +261,7 @@ func run(ctx context.Context, cfg config.Config, opts Options, cmd *cobra.Comman
 	}
 	m.WatchEngine(cfg.Engine.Name, eng.Stats)
 	m.WatchReady(cfg.Engine.Name, eng.Ready)
-	if sup, ok := eng.(*workflow.Supervisor); ok {
+	if sup, ok := eng.(*supervisor.Supervisor); ok {
 		m.WatchSupervisor(cfg.Engine.Name, sup.SupervisorStats)
 	}
 	mux.Handle("GET /metrics", m.Handler())

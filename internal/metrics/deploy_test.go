@@ -14,6 +14,7 @@ import (
 	yaml "go.yaml.in/yaml/v3"
 
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 const (
@@ -38,7 +39,7 @@ func exported(t *testing.T) map[string]dto.MetricType {
 	s.CheckpointSaved, s.FeedContact = time.Now(), time.Now()
 	m.WatchEngine("docstate", func() workflow.Stats { return s })
 	m.WatchReady("docstate", func() error { return nil })
-	m.WatchSupervisor("docstate", func() workflow.SupervisorStats { return workflow.SupervisorStats{Watched: 3, Open: 1} })
+	m.WatchSupervisor("docstate", func() supervisor.Stats { return supervisor.Stats{Watched: 3, Open: 1} })
 	mfs, err := m.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // DefaultEngine is the engine label of OnRun and EmailSent when New is not
@@ -225,7 +226,7 @@ func (m *Metrics) WatchReady(name string, ready func() error) {
 // WatchSupervisor exports many-database mode's state under engine=name:
 // databases watched, engines open and waiting, discoveries. stats is
 // called once per scrape. No database name is ever a label.
-func (m *Metrics) WatchSupervisor(name string, stats func() workflow.SupervisorStats) {
+func (m *Metrics) WatchSupervisor(name string, stats func() supervisor.Stats) {
 	m.reg.MustRegister(supervisorCollector{name: name, stats: stats})
 }
 
@@ -246,7 +247,7 @@ var (
 
 type supervisorCollector struct {
 	name  string
-	stats func() workflow.SupervisorStats
+	stats func() supervisor.Stats
 }
 
 func (c supervisorCollector) Describe(ch chan<- *prometheus.Desc) {

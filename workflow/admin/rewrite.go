@@ -1,4 +1,4 @@
-package workflow
+package admin
 
 import (
 	"context"
@@ -11,172 +11,8 @@ import (
 	kivik "github.com/go-kivik/kivik/v4"
 
 	"github.com/docstate/docstate/internal/couch"
+	"github.com/docstate/docstate/workflow"
 )
-
-// Status summarises a database for an operator (docstate status).
-//
-// The JSON keys are part of the command line's interface (status -o json):
-// lower-case and stable; add keys, never rename them.
-type Status struct {
-	// Checkpoint is the saved feed position ("" when none is saved) and
-	// CheckpointSaved when it was written (absent when never).
-	Checkpoint      string    `json:"checkpoint"`
-	CheckpointSaved time.Time `json:"checkpoint_saved,omitzero"`
-	// Pending counts changes after the checkpoint: work the engine has not
-	// finished or not seen.
-	Pending int `json:"pending"`
-	// States counts workflow documents per type and state.
-	States map[string]map[string]int `json:"states"`
-	// ClaimsHeld and ClaimsExpired count unsafe claims whose lease is live
-	// or ran out.
-	ClaimsHeld    int `json:"claims_held"`
-	ClaimsExpired int `json:"claims_expired"`
-	// Failed counts documents in an error state (docstate.error set);
-	// Invalid those with docstate.invalid; RetryWaiting those waiting for a
-	// retry after a failure.
-	Failed       int `json:"failed"`
-	Invalid      int `json:"invalid"`
-	RetryWaiting int `json:"retry_waiting"`
-	// Docs counts every document read.
-	Docs int `json:"docs"`
-}
-
-// statusPage is how many documents one request of Inspect reads.
-const statusPage = 1000
-
-// Inspect reads the checkpoint of engine name and every document of db.
-// progress, when set, is called after each page with the documents read so
-// far. It reads the whole database: it is an operator's command, not a
-// hot path.
-func Inspect(ctx context.Context, db *kivik.DB, name string, progress func(docs int)) (Status, error) {
-	st := Status{States: map[string]map[string]int{}}
-	var cp checkpointDoc
-	switch err := db.Get(ctx, checkpointID(name)).ScanDoc(&cp); {
-	case err == nil:
-		st.Checkpoint, st.CheckpointSaved = cp.Seq, cp.Saved.Time
-	case !couch.IsNotFound(err):
-		return st, fmt.Errorf("read checkpoint: %w", err)
-	}
-	since := st.Checkpoint
-	if since == "" {
-		since = "0"
-	}
-	pending, err := countChanges(ctx, db, since)
-	if err != nil {
-		return st, err
-	}
-	st.Pending = pending
-
-	now := time.Now()
-	startKey := ""
-	for {
-		opts := kivik.Params(map[string]any{"include_docs": true, "limit": statusPage + 1})
-		if startKey != "" {
-			opts = kivik.Params(map[string]any{"include_docs": true, "limit": statusPage + 1, "start_key": startKey})
-		}
-		rows := db.AllDocs(ctx, opts)
-		n, next := 0, ""
-		var iterErr error
-		for row, err := range rows.Iterator() {
-			if err != nil {
-				iterErr = err
-				break
-			}
-			id, _ := row.ID()
-			if n == statusPage {
-				next = id
-				break
-			}
-			n++
-			var doc struct {
-				Type  any             `json:"type"`
-				State any             `json:"state"`
-				Meta  json.RawMessage `json:"docstate"`
-			}
-			if row.ScanDoc(&doc) != nil {
-				continue
-			}
-			st.Docs++
-			typ, ok1 := doc.Type.(string)
-			state, ok2 := doc.State.(string)
-			if ok1 && ok2 {
-				if st.States[typ] == nil {
-					st.States[typ] = map[string]int{}
-				}
-				st.States[typ][state]++
-			}
-			var m Meta
-			if len(doc.Meta) == 0 || json.Unmarshal(doc.Meta, &m) != nil {
-				continue
-			}
-			if m.Error != nil {
-				st.Failed++
-			}
-			if m.Invalid != "" {
-				st.Invalid++
-			}
-			if m.State == state {
-				if m.Claim != nil {
-					if m.Claim.Expires.After(now) {
-						st.ClaimsHeld++
-					} else {
-						st.ClaimsExpired++
-					}
-				}
-				if m.RetryAt != nil && m.Attempts > 0 {
-					st.RetryWaiting++
-				}
-			}
-		}
-		_ = rows.Close()
-		if iterErr != nil {
-			return st, fmt.Errorf("read documents: %w", iterErr)
-		}
-		if progress != nil {
-			progress(st.Docs)
-		}
-		if next == "" {
-			return st, nil
-		}
-		startKey = next
-	}
-}
-
-// countChanges counts the changes after since.
-func countChanges(ctx context.Context, db *kivik.DB, since string) (int, error) {
-	n := 0
-	err := eachChange(ctx, db, since, func(string) { n++ })
-	return n, err
-}
-
-// ChangedSince lists, once each and in feed order, the ids of documents
-// changed after since (deleted ones left out): what replay --since acts on.
-func ChangedSince(ctx context.Context, db *kivik.DB, since string) ([]string, error) {
-	var ids []string
-	seen := map[string]bool{}
-	err := eachChange(ctx, db, since, func(id string) {
-		if !seen[id] {
-			seen[id] = true
-			ids = append(ids, id)
-		}
-	})
-	return ids, err
-}
-
-// eachChange calls fn with the id of every non-deleted change after since.
-func eachChange(ctx context.Context, db *kivik.DB, since string, fn func(id string)) error {
-	rows := db.Changes(ctx, kivik.Param("since", since))
-	defer rows.Close()
-	for ch, err := range rows.Iterator() {
-		if err != nil {
-			return fmt.Errorf("changes since %s: %w", since, err)
-		}
-		if !ch.Deleted {
-			fn(ch.ID)
-		}
-	}
-	return nil
-}
 
 // Touched is one document Retry or Replay acted on (or would, in a dry run).
 // Its JSON keys are part of the command line's interface.
@@ -257,12 +93,13 @@ type Report struct {
 // A document that cannot be read, parsed or written is recorded in the
 // report's Errors and the others are still done; the error returned is for
 // the selection as a whole (no selection, the query failed, ctx ended).
-func Retry(ctx context.Context, db *kivik.DB, reg *Registry, sel Selection) (Report, error) {
-	return rewrite(ctx, db, reg, sel, func(doc *Doc) (string, *Meta, bool) {
-		if doc.meta.Error == nil || doc.meta.Error.From == "" {
+func Retry(ctx context.Context, db *kivik.DB, reg *workflow.Registry, sel Selection) (Report, error) {
+	return rewrite(ctx, db, reg, sel, func(doc *workflow.Doc) (string, *workflow.Meta, bool) {
+		failed := doc.Meta().Error
+		if failed == nil || failed.From == "" {
 			return "", nil, false
 		}
-		return doc.meta.Error.From, &Meta{From: doc.State}, true
+		return failed.From, &workflow.Meta{From: doc.State}, true
 	})
 }
 
@@ -270,9 +107,9 @@ func Retry(ctx context.Context, db *kivik.DB, reg *Registry, sel Selection) (Rep
 // it clears the settled mark, pending backoff and wake-ups, and writes the
 // document, which a running engine sees as a change. Claims are kept (a
 // live claim still belongs to its owner). Errors are as for Retry.
-func Replay(ctx context.Context, db *kivik.DB, reg *Registry, sel Selection) (Report, error) {
-	return rewrite(ctx, db, reg, sel, func(doc *Doc) (string, *Meta, bool) {
-		m := doc.meta.forState(doc.State)
+func Replay(ctx context.Context, db *kivik.DB, reg *workflow.Registry, sel Selection) (Report, error) {
+	return rewrite(ctx, db, reg, sel, func(doc *workflow.Doc) (string, *workflow.Meta, bool) {
+		m := doc.Meta().ForState(doc.State)
 		m.Settled, m.RetryAt, m.WakeAt, m.Attempts, m.LastError = 0, nil, nil, 0, ""
 		return doc.State, &m, true
 	})
@@ -282,8 +119,8 @@ func Replay(ctx context.Context, db *kivik.DB, reg *Registry, sel Selection) (Re
 // re-reading on conflicts. One document's failure does not stop the rest:
 // an operator re-driving a thousand documents must not be left with an
 // unknown prefix of them written.
-func rewrite(ctx context.Context, db *kivik.DB, reg *Registry, sel Selection,
-	change func(doc *Doc) (to string, meta *Meta, ok bool)) (Report, error) {
+func rewrite(ctx context.Context, db *kivik.DB, reg *workflow.Registry, sel Selection,
+	change func(doc *workflow.Doc) (to string, meta *workflow.Meta, ok bool)) (Report, error) {
 	rep := Report{DryRun: sel.DryRun, Touched: []Touched{}, Errors: []DocError{}}
 	ids := sel.IDs
 	if len(ids) == 0 {
@@ -352,8 +189,8 @@ func (s *Skipped) add(r skipReason) {
 
 // rewriteOne applies change to one document: what was done, or why it was
 // skipped, or why it failed.
-func rewriteOne(ctx context.Context, db *kivik.DB, reg *Registry, id string, dryRun bool,
-	change func(doc *Doc) (to string, meta *Meta, ok bool)) (Touched, skipReason, error) {
+func rewriteOne(ctx context.Context, db *kivik.DB, reg *workflow.Registry, id string, dryRun bool,
+	change func(doc *workflow.Doc) (to string, meta *workflow.Meta, ok bool)) (Touched, skipReason, error) {
 	switch {
 	case strings.HasPrefix(id, "_design/"):
 		return Touched{}, skipDesign, nil
@@ -368,8 +205,8 @@ func rewriteOne(ctx context.Context, db *kivik.DB, reg *Registry, id string, dry
 		if err != nil {
 			return Touched{}, notSkipped, fmt.Errorf("read: %w", err)
 		}
-		// The same tests as the engine's (parseDoc), made first so that
-		// what the daemon would skip is counted, not reported as failed.
+		// The same tests as the engine's, made first so that what the
+		// daemon would skip is counted, not reported as failed.
 		var peek struct {
 			Type  json.RawMessage `json:"type"`
 			State json.RawMessage `json:"state"`
@@ -384,7 +221,9 @@ func rewriteOne(ctx context.Context, db *kivik.DB, reg *Registry, id string, dry
 		if unmarshalString(peek.State, &state) != nil || state == "" {
 			return Touched{}, skipNoState, nil
 		}
-		doc, err := parseDoc(raw, reg.HasType)
+		// The type is registered (above), so NewDoc refuses what the
+		// engine would refuse.
+		doc, err := workflow.NewDoc(raw)
 		if err != nil {
 			return Touched{}, notSkipped, err
 		}
@@ -399,10 +238,10 @@ func rewriteOne(ctx context.Context, db *kivik.DB, reg *Registry, id string, dry
 		if dryRun {
 			return t, notSkipped, nil
 		}
-		meta.Updated = stamp(time.Now())
+		meta.Updated = &workflow.Stamp{Time: time.Now().UTC().Truncate(time.Millisecond)}
 		meta.State = to
-		meta.setDue()
-		body, err := build(doc.fields, to, nil, nil, meta)
+		setDue(meta)
+		body, err := withMeta(raw, to, meta)
 		if err != nil {
 			return Touched{}, notSkipped, err
 		}
@@ -420,6 +259,80 @@ func rewriteOne(ctx context.Context, db *kivik.DB, reg *Registry, id string, dry
 // findIDs lists the ids matching selector.
 func findIDs(ctx context.Context, db *kivik.DB, selector map[string]any) ([]string, error) {
 	var ids []string
-	_, err := forEachID(ctx, db, selector, func(id string) { ids = append(ids, id) })
+	_, err := couch.FindEach(ctx, db, selector, []string{"_id"}, func(doc json.RawMessage) error {
+		var d struct {
+			ID string `json:"_id"`
+		}
+		if json.Unmarshal(doc, &d) == nil && d.ID != "" {
+			ids = append(ids, d.ID)
+		}
+		return nil
+	})
 	return ids, err
+}
+
+// maxRounds bounds the re-reads of one document whose write lost a race.
+const maxRounds = 5
+
+// readRaw returns a document's JSON as the server sent it, with its
+// conflicts listed, as the engine reads it.
+func readRaw(ctx context.Context, db *kivik.DB, id string) ([]byte, error) {
+	var raw json.RawMessage
+	if err := db.Get(ctx, id, kivik.Param("conflicts", true)).ScanDoc(&raw); err != nil {
+		return nil, err
+	}
+	return raw, nil
+}
+
+// withMeta returns the body to write back: the document's fields as read
+// (everything the application and CouchDB put there, attachment stubs
+// included) without the conflicts list, which is not part of the
+// document, and with state and the engine's bookkeeping replaced.
+func withMeta(raw []byte, state string, meta *workflow.Meta) (map[string]json.RawMessage, error) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return nil, fmt.Errorf("body is not a JSON object: %w", err)
+	}
+	delete(fields, "_conflicts")
+	var err error
+	if fields["state"], err = json.Marshal(state); err != nil {
+		return nil, err
+	}
+	if fields[metaField], err = json.Marshal(meta); err != nil {
+		return nil, err
+	}
+	return fields, nil
+}
+
+// metaField is the field holding the engine's bookkeeping (workflow.Meta).
+const metaField = "docstate"
+
+// setDue sets Due as the engine keeps it: the earliest of the retry time,
+// the wake-up and the claim's expiry, so the engine's due scan finds the
+// document when one of them comes.
+func setDue(m *workflow.Meta) {
+	var due time.Time
+	for _, t := range []*workflow.Stamp{m.RetryAt, m.WakeAt, claimExpiry(m.Claim)} {
+		if t != nil && !t.IsZero() && (due.IsZero() || t.Before(due)) {
+			due = t.Time
+		}
+	}
+	m.Due = nil
+	if !due.IsZero() {
+		m.Due = &workflow.Stamp{Time: due.UTC().Truncate(time.Millisecond)}
+	}
+}
+
+func claimExpiry(c *workflow.Claim) *workflow.Stamp {
+	if c == nil {
+		return nil
+	}
+	return &c.Expires
+}
+
+func unmarshalString(raw json.RawMessage, s *string) error {
+	if len(raw) == 0 || raw[0] != '"' {
+		return errors.New("not a string")
+	}
+	return json.Unmarshal(raw, s)
 }

@@ -1,4 +1,4 @@
-package workflow_test
+package supervisor_test
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // BenchmarkManyDatabases is the load tool of many-database mode: it creates
@@ -78,7 +79,7 @@ func BenchmarkManyDatabases(b *testing.B) {
 					}
 					return workflow.Transition("sent"), nil
 				})})
-			var sups []*workflow.Supervisor
+			var sups []*supervisor.Supervisor
 			for i := range daemons {
 				opts := supervisorOptions(b, prefix+"-*")
 				opts.MaxOpen = maxOpen

@@ -1,4 +1,4 @@
-package workflow_test
+package supervisor_test
 
 import (
 	"bufio"
@@ -18,10 +18,9 @@ import (
 	"testing"
 	"time"
 
-	kivik "github.com/go-kivik/kivik/v4"
-
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 )
 
 // BenchmarkTrickle is the many-database scale check: BENCH_DBS databases
@@ -61,14 +60,14 @@ func BenchmarkTrickle(b *testing.B) {
 	b.Logf("%d databases created in %v", nDBs, time.Since(began).Round(time.Millisecond))
 
 	round := 0
-	for _, mode := range []string{workflow.DiscoveryAllDBs, workflow.DiscoveryDBUpdates} {
+	for _, mode := range []string{supervisor.DiscoveryAllDBs, supervisor.DiscoveryDBUpdates} {
 		if only := os.Getenv("BENCH_DISCOVERY"); only != "" && only != mode {
 			continue
 		}
 		b.Run("discovery="+mode, func(b *testing.B) {
 			round++
 			client, serverURL := direct, couchtest.Options(b).URL
-			if mode == workflow.DiscoveryDBUpdates {
+			if mode == supervisor.DiscoveryDBUpdates {
 				front := couchtest.NewDBUpdatesServer(b)
 				client, serverURL = front.Client(b), front.Options().URL
 			}
@@ -177,47 +176,6 @@ func BenchmarkTrickle(b *testing.B) {
 			}
 		})
 	}
-}
-
-// makeDBsConcurrently creates n databases prefix-NNNN, each with one
-// document no handler wants, c at a time.
-func makeDBsConcurrently(b *testing.B, client *kivik.Client, prefix string, n, c int) {
-	work := make(chan int)
-	var wg sync.WaitGroup
-	for range c {
-		wg.Go(func() {
-			for i := range work {
-				name := fmt.Sprintf("%s-%04d", prefix, i)
-				if err := client.CreateDB(context.Background(), name); err != nil {
-					b.Error(err)
-					continue
-				}
-				if _, err := client.DB(name).Put(context.Background(), "seed", map[string]any{"type": "other"}); err != nil {
-					b.Error(err)
-				}
-			}
-		})
-	}
-	for i := range n {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	if b.Failed() {
-		b.FailNow()
-	}
-}
-
-func envInt(b *testing.B, name string, def int) int {
-	v := os.Getenv(name)
-	if v == "" {
-		return def
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n <= 0 {
-		b.Fatalf("%s=%q: want a positive number", name, v)
-	}
-	return n
 }
 
 func urlPort(b *testing.B, raw string) int {

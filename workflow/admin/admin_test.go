@@ -1,4 +1,4 @@
-package workflow_test
+package admin_test
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/admin"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
@@ -44,13 +45,13 @@ func TestStatusRetryAndReplay(t *testing.T) {
 		return st["error"] == 3 && looks.get("w-00000") == 1, fmt.Sprint(st)
 	})
 	workflowtest.Eventually(t, 10*time.Second, "saved checkpoint caught up", func() (bool, string) {
-		st, err := workflow.Inspect(ctx, db, "docstate", nil)
+		st, err := admin.Inspect(ctx, db, "docstate", nil)
 		return err == nil && st.Pending == 0, fmt.Sprintf("%+v %v", st, err)
 	})
 	eng.Stop(t)
 
 	var pages int
-	st, err := workflow.Inspect(ctx, db, "docstate", func(int) { pages++ })
+	st, err := admin.Inspect(ctx, db, "docstate", func(int) { pages++ })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +61,7 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	}
 
 	// A dry run names what would run and writes nothing.
-	rep, err := workflow.Retry(ctx, db, reg, workflow.Selection{Type: "job", State: "error", DryRun: true})
+	rep, err := admin.Retry(ctx, db, reg, admin.Selection{Type: "job", State: "error", DryRun: true})
 	touched := rep.Touched
 	if err != nil || len(touched) != 3 || touched[0].To != "new" || touched[0].Handler != "safe" {
 		t.Fatalf("dry run: %+v %v", rep, err)
@@ -72,20 +73,20 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	// Fixed upstream: retry them all, and one by id on a second pass is a no-op.
 	broken.Store(false)
 	eng = workflowtest.Start(t, db, reg, workflowtest.Options(t))
-	if rep, err = workflow.Retry(ctx, db, reg, workflow.Selection{Type: "job", State: "error"}); err != nil || len(rep.Touched) != 3 {
+	if rep, err = admin.Retry(ctx, db, reg, admin.Selection{Type: "job", State: "error"}); err != nil || len(rep.Touched) != 3 {
 		t.Fatalf("retry: %+v %v", rep, err)
 	}
 	workflowtest.Eventually(t, 20*time.Second, "retried jobs done", func() (bool, string) {
 		st := states(t, db)
 		return st["done"] == 3, fmt.Sprint(st)
 	})
-	if rep, err = workflow.Retry(ctx, db, reg, workflow.Selection{IDs: []string{"job-00000"}}); err != nil || len(rep.Touched) != 0 ||
+	if rep, err = admin.Retry(ctx, db, reg, admin.Selection{IDs: []string{"job-00000"}}); err != nil || len(rep.Touched) != 0 ||
 		rep.Skipped.NotFailed != 1 {
 		t.Fatalf("retry of a doc not in error: %+v %v", rep, err)
 	}
 
 	// Replay runs the settled unsafe handler again, once.
-	if rep, err = workflow.Replay(ctx, db, reg, workflow.Selection{IDs: []string{"w-00000"}}); err != nil || len(rep.Touched) != 1 || rep.Touched[0].Handler != "unsafe" {
+	if rep, err = admin.Replay(ctx, db, reg, admin.Selection{IDs: []string{"w-00000"}}); err != nil || len(rep.Touched) != 1 || rep.Touched[0].Handler != "unsafe" {
 		t.Fatalf("replay: %+v %v", rep, err)
 	}
 	workflowtest.Eventually(t, 20*time.Second, "replayed", func() (bool, string) {
@@ -95,7 +96,7 @@ func TestStatusRetryAndReplay(t *testing.T) {
 	if n := looks.get("w-00000"); n != 2 {
 		t.Fatalf("replayed doc ran %d times, want 2", n)
 	}
-	if _, err := workflow.Retry(ctx, db, reg, workflow.Selection{}); err == nil || !strings.Contains(err.Error(), "give document ids") {
+	if _, err := admin.Retry(ctx, db, reg, admin.Selection{}); err == nil || !strings.Contains(err.Error(), "give document ids") {
 		t.Fatalf("retry without a selection: %v", err)
 	}
 }
@@ -127,7 +128,7 @@ func TestReplaySkipsWhatIsNotOursAndCarriesOnPastErrors(t *testing.T) {
 	put("d-other", map[string]any{"type": "invoice", "state": "open"})
 	put("e-untyped", map[string]any{"hello": "world"})
 	put("f-last", map[string]any{"type": "job", "state": "new"})
-	ids, err := workflow.ChangedSince(ctx, db, "0")
+	ids, err := admin.ChangedSince(ctx, db, "0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +137,7 @@ func TestReplaySkipsWhatIsNotOursAndCarriesOnPastErrors(t *testing.T) {
 	var calls, total int
 	progress := func(done, n int) { calls, total = done, n }
 	for _, dry := range []bool{true, false} {
-		rep, err := workflow.Replay(ctx, db, reg, workflow.Selection{IDs: ids, DryRun: dry, Progress: progress})
+		rep, err := admin.Replay(ctx, db, reg, admin.Selection{IDs: ids, DryRun: dry, Progress: progress})
 		if err != nil {
 			t.Fatalf("dry %v: %v", dry, err)
 		}
@@ -144,7 +145,7 @@ func TestReplaySkipsWhatIsNotOursAndCarriesOnPastErrors(t *testing.T) {
 		for _, d := range rep.Touched {
 			got = append(got, d.ID)
 		}
-		want := workflow.Skipped{Design: 1, Local: 1, Missing: 1, Unregistered: 2, NoState: 1}
+		want := admin.Skipped{Design: 1, Local: 1, Missing: 1, Unregistered: 2, NoState: 1}
 		if strings.Join(got, ",") != "a-first,f-last" || rep.Skipped != want || len(rep.Errors) != 1 ||
 			rep.Errors[0].ID != "c-corrupt" || rep.DryRun != dry {
 			t.Fatalf("dry %v: %+v", dry, rep)

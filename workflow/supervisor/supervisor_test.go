@@ -1,4 +1,4 @@
-package workflow_test
+package supervisor_test
 
 import (
 	"context"
@@ -14,12 +14,13 @@ import (
 
 	"github.com/docstate/docstate/internal/couchtest"
 	"github.com/docstate/docstate/workflow"
+	"github.com/docstate/docstate/workflow/supervisor"
 	"github.com/docstate/docstate/workflow/workflowtest"
 )
 
 // supervisorOptions are short intervals for tests.
-func supervisorOptions(t testing.TB, pattern string) workflow.SupervisorOptions {
-	return workflow.SupervisorOptions{
+func supervisorOptions(t testing.TB, pattern string) supervisor.Options {
+	return supervisor.Options{
 		Patterns:          []string{pattern},
 		MaxOpen:           8,
 		DiscoveryInterval: 200 * time.Millisecond,
@@ -58,9 +59,9 @@ func uniquePrefix(t testing.TB, base string) string {
 	return base + hex.EncodeToString(b[:])
 }
 
-func runSupervisor(t testing.TB, client *kivik.Client, reg *workflow.Registry, opts workflow.SupervisorOptions) *workflow.Supervisor {
+func runSupervisor(t testing.TB, client *kivik.Client, reg *workflow.Registry, opts supervisor.Options) *supervisor.Supervisor {
 	t.Helper()
-	sup, err := workflow.NewSupervisor(client, reg, opts)
+	sup, err := supervisor.New(client, reg, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,8 +134,8 @@ func TestSupervisorHandlesManyDatabasesWithinTheCap(t *testing.T) {
 	if st.Watched != n {
 		t.Fatalf("watching %d databases, want %d", st.Watched, n)
 	}
-	if st.Discovery != workflow.DiscoveryAllDBs {
-		t.Fatalf("discovery %q on PouchDB Server, which has no /_db_updates; want %q", st.Discovery, workflow.DiscoveryAllDBs)
+	if st.Discovery != supervisor.DiscoveryAllDBs {
+		t.Fatalf("discovery %q on PouchDB Server, which has no /_db_updates; want %q", st.Discovery, supervisor.DiscoveryAllDBs)
 	}
 	if got := states(t, other[0])["new"]; got != 1 {
 		t.Fatalf("a database outside the pattern was handled")
@@ -266,7 +267,7 @@ func TestShardedSupervisorsSplitTheDatabases(t *testing.T) {
 	})
 	reg := workflow.NewRegistry()
 	reg.MustRegister(workflow.Spec{Type: "job", State: "new", Mode: workflow.Safe, Handler: oneStep(newCounter(), "done")})
-	var sups []*workflow.Supervisor
+	var sups []*supervisor.Supervisor
 	for i := range 3 {
 		opts := supervisorOptions(t, prefix+"-*")
 		opts.Shard, opts.Shards = i, 3
@@ -287,7 +288,7 @@ func TestShardedSupervisorsSplitTheDatabases(t *testing.T) {
 	if total != n {
 		t.Fatalf("shards watch %d databases in all, want %d", total, n)
 	}
-	if _, err := workflow.NewSupervisor(client, reg, workflow.SupervisorOptions{Patterns: []string{"x-*"}, Shard: 3, Shards: 3}); err == nil {
+	if _, err := supervisor.New(client, reg, supervisor.Options{Patterns: []string{"x-*"}, Shard: 3, Shards: 3}); err == nil {
 		t.Fatal("shard 3 of 3 accepted")
 	}
 }
@@ -310,8 +311,8 @@ func TestSupervisorFollowsDBUpdates(t *testing.T) {
 		d := countDone(t, dbs)
 		return d == len(dbs), fmt.Sprintf("%d of %d; %+v", d, len(dbs), sup.SupervisorStats())
 	})
-	if m := sup.Mode(); m != workflow.DiscoveryDBUpdates {
-		t.Fatalf("discovery mode %q, want %q", m, workflow.DiscoveryDBUpdates)
+	if m := sup.Mode(); m != supervisor.DiscoveryDBUpdates {
+		t.Fatalf("discovery mode %q, want %q", m, supervisor.DiscoveryDBUpdates)
 	}
 	workflowtest.Eventually(t, 30*time.Second, "engines idle and stopped", func() (bool, string) {
 		st := sup.SupervisorStats()
