@@ -154,7 +154,7 @@ func TestWrongCodeTooManyAttemptsAndResendTooSoon(t *testing.T) {
 		update(t, f.db, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
 		workflowtest.Eventually(t, 10*time.Second, "attempt counted", func() (bool, string) {
 			d := get(t, f.db, dv.id)
-			return d[FieldFailedAttempts] == float64(i) && d[FieldConfirmAttempt] == nil, mustJSON(d)
+			return d[FieldFailedAttempts] == float64(i) && d[FieldConfirmAttempt] == nil && d[FieldPendingCheck] == nil, mustJSON(d)
 		})
 	}
 	d := get(t, f.db, dv.id)

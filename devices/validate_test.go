@@ -625,7 +625,7 @@ func TestFullLoopWithValidation(t *testing.T) {
 	vduDeviceUpdate(t, asDevice, dv.id, func(d map[string]any) { d[FieldConfirmAttempt] = wrong })
 	workflowtest.Eventually(t, 10*time.Second, "wrong attempt counted", func() (bool, string) {
 		doc := get(t, f.db, dv.id)
-		return doc[FieldFailedAttempts] == 1.0 && doc[FieldConfirmAttempt] == nil, mustJSON(doc)
+		return doc[FieldFailedAttempts] == 1.0 && doc[FieldConfirmAttempt] == nil && doc[FieldPendingCheck] == nil, mustJSON(doc)
 	})
 	settled(t, f.db, dv.id)
 	var doc map[string]any
