@@ -26,7 +26,7 @@ func TestReplicasYieldedBranchesResolved(t *testing.T) {
 	for i, h := range []string{"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "cccccccccccccccccccccccccccccccc"} {
 		docs = append(docs, map[string]any{"_id": "x", "_rev": "2-" + h, "type": "mail", "state": "new",
 			"_revisions": map[string]any{"start": 2, "ids": []string{h, rev1[2:]}},
-			"docstate": map[string]any{"state": "new", "claims": 1, "key": "x/new/1", "due": past, "yielded": true, "n": i}})
+			"docstate":   map[string]any{"state": "new", "claims": 1, "key": "x/new/1", "due": past, "yielded": true, "n": i}})
 	}
 	if _, err := db.BulkDocs(ctx, docs, kivik.Param("new_edits", false)); err != nil {
 		t.Fatal(err)

@@ -451,7 +451,9 @@ func unavailable(w http.ResponseWriter) {
 	writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "unavailable", "reason": "no replica answered"})
 }
 
-func okStatus(s int) bool { return s == http.StatusOK || s == http.StatusCreated || s == http.StatusAccepted }
+func okStatus(s int) bool {
+	return s == http.StatusOK || s == http.StatusCreated || s == http.StatusAccepted
+}
 
 // write sends a single-document write to every live replica and answers
 // by quorum.
