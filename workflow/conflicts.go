@@ -19,10 +19,16 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) outcome {
 	if fromHint {
 		return conflicted // the feed's body may be older: read the server's
 	}
-	leaves, err := e.withConflicts(ctx, doc)
+	// The GET that showed the conflict may show only some branches (one
+	// replica's view on a cluster); removing branches needs all of them.
+	leaves, err := e.leaves(ctx, doc.ID)
 	if err != nil {
 		e.log.Debug("cannot read conflicting revisions", "id", doc.ID, "err", err)
+		e.hidden.Store(doc.ID, true)
 		return transient
+	}
+	if len(leaves) == 1 {
+		return conflicted // resolved meanwhile, or no other branch: read it
 	}
 	now := time.Now()
 	var live time.Time
@@ -36,14 +42,12 @@ func (e *Engine) resolve(ctx context.Context, doc *Doc, fromHint bool) outcome {
 		// branch now could hide it from a proof (rule 3). Its result or
 		// yield brings the document back; the lease is the fallback.
 		e.stats.conflictsWaiting.Add(1)
+		e.hidden.Store(doc.ID, true)
 		e.log.Debug("conflicted document has a live claim on a branch; resolving later", "id", doc.ID, "until", live)
 		return finishedAfter(live.Sub(now) + time.Second)
 	}
 	keep := survivor(leaves)
 	merged, changed := mergeMeta(leaves, keep)
-	if len(leaves) == 1 {
-		return conflicted // resolved meanwhile
-	}
 	set := e.maxFields(leaves, keep)
 	if changed || len(set) > 0 {
 		sdoc := leaves[keep].doc

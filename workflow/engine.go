@@ -46,6 +46,11 @@ type Engine struct {
 	// rechecks holds the ids whose handler asked for an in-memory recheck
 	// (Result.RecheckAfter): their next run is not skipped as settled.
 	rechecks sync.Map
+	// hidden holds the ids of documents this engine knows to have had
+	// another branch (it yielded to one, or waited for a branch's live
+	// claim): on a cluster a GET shows one replica's view and may not
+	// show the branch, so their next run reads every leaf (conflicts.go).
+	hidden sync.Map
 	// ownRevs holds the revisions this engine wrote until their feed rows
 	// come (see feedfetch.go); fedIDs is set while the feed reads rows
 	// without bodies (only the feed goroutine uses it).
@@ -53,6 +58,9 @@ type Engine struct {
 	fedIDs  bool
 	// members is the live membership when Options.Members is set, else nil.
 	members *members
+	// copies is how many copies of each document the database keeps
+	// (couch.Replicas), 0 until an unsafe claim asks (prove.go).
+	copies atomic.Int32
 	// stopping is closed when the engine starts to drain: claims waiting
 	// for a slot are released rather than run.
 	stopping <-chan struct{}

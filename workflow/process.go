@@ -170,6 +170,15 @@ func (e *Engine) evaluate(ctx context.Context, raw []byte, read *int, fromHint b
 	if len(doc.conflicts) > 0 {
 		return e.resolve(ctx, doc, fromHint)
 	}
+	if _, ok := e.hidden.Load(doc.ID); ok {
+		// This engine saw a branch here that a GET may not show (a
+		// replica's view): read every leaf before anything else.
+		if fromHint {
+			return conflicted
+		}
+		e.hidden.Delete(doc.ID)
+		return e.resolve(ctx, doc, false)
+	}
 	spec, ok := e.specs[key{doc.Type, doc.State}]
 	if !ok {
 		return e.noHandler(ctx, doc)

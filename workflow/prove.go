@@ -3,6 +3,7 @@ package workflow
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"time"
@@ -23,41 +24,44 @@ import (
 //
 // The rule, and why two engines never both run:
 //
-//  1. A claim answered 201 is won. Its quorum and a rival claim's quorum on
-//     the same revision would share a replica (w > n/2), and a replica takes
-//     only one child of a revision as an interactive edit, so two sibling
-//     claims cannot both reach a quorum.
-//  2. Any other answer (202, or a status the transport did not see) is not
-//     a win. The engine proves it: it reads every live leaf of the document
-//     (a quorum read); if a branch other than its own is there, it yields.
-//     Otherwise it writes the same claim again on its own revision (the
-//     confirmation) and needs 201 for it, then reads the leaves once more
-//     and runs only if its branch is still the only live one.
-//  3. Suppose two claims ran. Each had a 201 on its branch (its claim or its
-//     confirmation) before its last read. Take the later of the two 201s:
-//     by then the earlier branch was on a write quorum, every later read
-//     quorum meets it (r + w > n), and branches are never removed while one
-//     may still be proving (rule 5), so the engine behind the later 201
-//     saw the other branch at its last read and did not run. A claim won by
-//     rule 1 skips the reads, which is safe because a rival 201 on a sibling
-//     claim is impossible (rule 1) and a rival confirmation after it sees it.
+//  1. On a database that keeps one copy of each document (its info reports
+//     n=1, or no cluster at all: PouchDB Server, CouchDB 1), a claim
+//     answered 201 is won: the one copy took it, and a rival's write on the
+//     same revision got 409.
+//  2. On a replicated database a claim runs only after a 201 on its branch
+//     (the claim itself, or a confirmation: the same claim written again on
+//     its own revision) followed by a read of every leaf (open_revs=all)
+//     that shows no other live branch. Any other answer or sight yields.
+//     A 201 alone is not enough there: two claims written on different
+//     parents (the two sides of a stored conflict that a read did not
+//     show, or a parent that itself got a 202) can each reach a quorum. A
+//     GET with conflicts=true is not enough either: it answers with the
+//     first r replicas that agree, and a branch only the third holds is
+//     not in it (fabric_doc_open), where open_revs=all merges the leaves of
+//     the replicas it hears.
+//  3. Suppose two claims ran. Take the later of their 201s: by then the
+//     earlier branch was on a write quorum, every later read of r replicas
+//     meets it (r + w > n), and branches are never removed while one may
+//     still be proving (rule 5), so the engine behind the later 201 saw the
+//     other branch at its read and did not run.
 //  4. An engine that yields writes its branch once more, with no claim and
 //     "yielded" set: a fact about a run that did not happen, so the branch
 //     never outranks a real result when the conflict is resolved.
 //  5. A conflicted workflow document is resolved by whichever engine reads
 //     it, but only when no branch holds a live claim (a run in progress, or
 //     a proof): one branch is kept and the others become tombstones. The
-//     kept branch is not yielded, holds no claim if any branch holds none
-//     (a written result), and is otherwise CouchDB's own winner (highest
-//     generation, then highest revision id: the same answer on every node);
-//     its bookkeeping takes what the others know that it does not (claim
-//     counts never go down; an expired claim it never saw is kept so the
-//     expiry policy still applies).
+//     branches are read with open_revs=all too, so a live claim is not
+//     missed. The kept branch is not yielded, holds no claim if any branch
+//     holds none (a written result), and is otherwise CouchDB's own winner
+//     (highest generation, then highest revision id: the same answer on
+//     every node); its bookkeeping takes what the others know that it does
+//     not (claim counts never go down; an expired claim it never saw is
+//     kept so the expiry policy still applies).
 //
-// Cost per unsafe run: nothing on a single server or a claim answered 201;
-// after a 202, one read, one write and one more read (each read is two
-// requests when the document is conflicted), plus one write when the claim
-// yields.
+// Cost per unsafe run: nothing on a single copy. On a replicated database,
+// one read for a claim answered 201; after a 202, one read, one write and
+// one more read; plus one write when the claim yields. The number of copies
+// is read once per engine from the database's info.
 //
 // Rule 5, the resolution of a conflicted document, is in conflicts.go.
 
@@ -72,6 +76,13 @@ type proof struct {
 // run. The claim write's status is in doc.writeCertain.
 func (e *Engine) proveClaim(ctx context.Context, doc *Doc, body map[string]json.RawMessage, rev string) proof {
 	if doc.writeCertain {
+		if !e.replicated(ctx) {
+			return proof{won: true, rev: rev} // one copy: a 201 is the whole truth
+		}
+		// Rule 1: one read, and the claim must be the only live branch.
+		if leaves, err := e.leaves(ctx, doc.ID); err != nil || rivals(leaves, rev) {
+			return e.yield(ctx, doc, body, rev, err)
+		}
 		return proof{won: true, rev: rev}
 	}
 	e.stats.claimsUnproven.Add(1)
@@ -107,6 +118,7 @@ func (e *Engine) proveClaim(ctx context.Context, doc *Doc, body map[string]json.
 // conflict knows it never ran.
 func (e *Engine) yield(ctx context.Context, doc *Doc, body map[string]json.RawMessage, rev string, readErr error) proof {
 	e.stats.claimsYielded.Add(1)
+	e.hidden.Store(doc.ID, true)
 	var meta Meta
 	if err := json.Unmarshal(body[metaField], &meta); err != nil {
 		return proof{out: transient}
@@ -136,44 +148,45 @@ func (e *Engine) yield(ctx context.Context, doc *Doc, body map[string]json.RawMe
 	return proof{out: finishedAfter(again)}
 }
 
+// errDeleted says every leaf of a document is a tombstone.
+var errDeleted = errors.New("deleted")
+
+// replicated reports whether the database keeps more than one copy of each
+// document (couch.Replicas), asked once; when the server cannot say, the
+// answer is yes until it can, which costs reads and never a double run.
+func (e *Engine) replicated(ctx context.Context) bool {
+	switch e.copies.Load() {
+	case 1:
+		return false
+	case 0:
+		n, err := couch.Replicas(ctx, e.db)
+		if err != nil {
+			e.log.Debug("cannot tell whether the database is replicated; proving claims as on a cluster", "err", err)
+			return true
+		}
+		e.copies.Store(int32(n))
+		return n > 1
+	}
+	return true
+}
+
 // leaf is one live branch of a document.
 type leaf struct {
 	rev string
 	doc *Doc // nil when the branch is not a parseable workflow document
 }
 
-// leaves reads the document's winner and every live conflicting branch.
+// leaves reads every live branch of the document with open_revs=all, the
+// read that on a cluster merges what each replica it asks holds (a GET with
+// conflicts=true shows one replica's view; see couch.OpenAllRevs).
 func (e *Engine) leaves(ctx context.Context, id string) ([]leaf, error) {
-	raw, err := readRaw(ctx, e.db, id)
-	if err != nil {
-		return nil, err
-	}
-	doc, _ := parseDoc(raw, e.hasType)
-	if doc == nil {
-		var head struct {
-			Rev       string   `json:"_rev"`
-			Conflicts []string `json:"_conflicts"`
-		}
-		if err := json.Unmarshal(raw, &head); err != nil {
-			return nil, fmt.Errorf("document %q: %w", id, err)
-		}
-		doc = &Doc{ID: id, Rev: head.Rev, conflicts: head.Conflicts}
-	}
-	return e.withConflicts(ctx, doc)
-}
-
-// withConflicts returns doc's branch and its conflicting branches.
-func (e *Engine) withConflicts(ctx context.Context, doc *Doc) ([]leaf, error) {
-	out := []leaf{{rev: doc.Rev, doc: doc}}
-	if len(doc.conflicts) == 0 {
-		return out, nil
-	}
-	rs := e.db.OpenRevs(ctx, doc.ID, doc.conflicts)
+	rs := couch.OpenAllRevs(ctx, e.db, id)
 	defer rs.Close()
+	var out []leaf
 	for rs.Next() {
 		var raw json.RawMessage
 		if err := rs.ScanDoc(&raw); err != nil {
-			return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+			return nil, fmt.Errorf("leaf revisions of %q: %w", id, err)
 		}
 		// kivik hands out each revision of a multipart answer (CouchDB)
 		// as one document, but a JSON answer (PouchDB Server) as one
@@ -181,12 +194,12 @@ func (e *Engine) withConflicts(ctx context.Context, doc *Doc) ([]leaf, error) {
 		var rows []map[string]json.RawMessage
 		if len(raw) > 0 && raw[0] == '[' {
 			if err := json.Unmarshal(raw, &rows); err != nil {
-				return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+				return nil, fmt.Errorf("leaf revisions of %q: %w", id, err)
 			}
 		} else {
 			var row map[string]json.RawMessage
 			if err := json.Unmarshal(raw, &row); err != nil {
-				return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+				return nil, fmt.Errorf("leaf revisions of %q: %w", id, err)
 			}
 			rows = append(rows, row)
 		}
@@ -197,7 +210,11 @@ func (e *Engine) withConflicts(ctx context.Context, doc *Doc) ([]leaf, error) {
 		}
 	}
 	if err := rs.Err(); err != nil {
-		return nil, fmt.Errorf("conflicting revisions of %q: %w", doc.ID, err)
+		return nil, fmt.Errorf("leaf revisions of %q: %w", id, err)
+	}
+	if len(out) == 0 {
+		// Every leaf a tombstone: deleted meanwhile.
+		return nil, fmt.Errorf("leaf revisions of %q: %w", id, errDeleted)
 	}
 	return out, nil
 }

@@ -67,8 +67,8 @@ func NewClient(opts Options) (*kivik.Client, error) {
 		// limitTransport enforces WithBodyLimit on the requests that ask;
 		// activityTransport notes every byte the server sends (heartbeats);
 		// statusTransport records whether a write was 201 or 202 (cluster
-		// claims, see workflow/prove.go).
-		couchdb.OptionHTTPClient(&http.Client{Transport: statusTransport{activityTransport{&limitTransport{base: transport}}}}),
+		// claims, see workflow/prove.go); revsTransport serves OpenAllRevs.
+		couchdb.OptionHTTPClient(&http.Client{Transport: revsTransport{statusTransport{activityTransport{&limitTransport{base: transport}}}}}),
 		couchdb.OptionNoRequestCompression(),
 	}
 	if opts.UserAgent != "" {

@@ -68,7 +68,8 @@ import (
 //     from another replica means nothing there: the feed starts again from
 //     0, the rewind apache/couchdb#3788 describes (CouchDB may rewind less,
 //     to an internal checkpoint). _all_docs, _find, _bulk_get, _revs_diff
-//     and the database info are read from the node's replica alone, as a
+//     and the database info (with the cluster settings q=1, n=3, w=2,
+//     r=2 added) are read from the node's replica alone, as a
 //     cluster's views and feeds read one copy of each shard.
 //   - StopReplica / StartReplica: a stopped replica takes no writes and
 //     answers no reads (requests to it in flight are cut off); KillNode
@@ -407,6 +408,10 @@ func (f *ReplicaFront) serve(node int, w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusPreconditionFailed, map[string]string{"error": "file_exists", "reason": "The database could not be created, the file already exists."})
 			return
 		}
+		if r.Method == http.MethodGet {
+			f.dbInfo(ctx, node, w, q)
+			return
+		}
 		f.local(ctx, node, w, r.Method, rest, q, body)
 	case rest == "_changes":
 		f.changes(ctx, node, w, r, q, body)
@@ -423,6 +428,28 @@ func (f *ReplicaFront) serve(node int, w http.ResponseWriter, r *http.Request) {
 	default:
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "reason": "not emulated by ReplicaFront"})
 	}
+}
+
+// dbInfo answers GET /{db} from the node's replica, named as the logical
+// database and with the cluster settings CouchDB 3 reports (q, n, w, r),
+// by which a client tells a replicated database from a single copy.
+func (f *ReplicaFront) dbInfo(ctx context.Context, node int, w http.ResponseWriter, query string) {
+	for _, j := range f.live(node) {
+		rp := f.send(ctx, j, http.MethodGet, "", query, nil)
+		if rp.err != nil {
+			continue
+		}
+		var info map[string]json.RawMessage
+		if rp.status != http.StatusOK || json.Unmarshal(rp.body, &info) != nil {
+			relay(w, rp)
+			return
+		}
+		info["db_name"] = mustJSON(f.name)
+		info["cluster"] = mustJSON(map[string]int{"q": 1, "n": replicaCount, "w": quorum, "r": quorum})
+		writeJSON(w, http.StatusOK, info)
+		return
+	}
+	unavailable(w)
 }
 
 // local answers from the node's replica, or another live one.

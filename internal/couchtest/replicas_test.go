@@ -125,3 +125,68 @@ func TestReplicaFrontFeedAndKill(t *testing.T) {
 		t.Fatalf("%d rows, %d rewinds; want both documents again and 1 rewind", n, f.Rewinds())
 	}
 }
+
+// TestReplicaFrontOpenAllRevsSeesEveryBranch shows why the engine proves
+// claims with open_revs=all (couch.OpenAllRevs): a branch that one replica
+// took (a 202 write) is missing from a GET that two other replicas answer
+// alike, as on CouchDB, while open_revs=all merges what the replicas hold.
+func TestReplicaFrontOpenAllRevsSeesEveryBranch(t *testing.T) {
+	f := couchtest.NewReplicaFront(t, couchtest.ReplicaOptions{Lag: time.Hour})
+	n0, n1, n2 := f.DB(t, 0), f.DB(t, 1), f.DB(t, 2)
+	rev1, _ := put(t, n0, "a", map[string]any{"v": 1})
+
+	f.StopReplica(1)
+	f.StopReplica(2)
+	lone, certain := put(t, n0, "a", map[string]any{"_rev": rev1, "v": "only on replica 0"})
+	if certain {
+		t.Fatal("a write one replica took was answered 201")
+	}
+	f.StartReplica(1)
+	f.StartReplica(2)
+	f.StopReplica(0)
+	quorum, certain := put(t, n1, "a", map[string]any{"_rev": rev1, "v": "on replicas 1 and 2"})
+	if !certain {
+		t.Fatal("a write two replicas took was not answered 201")
+	}
+	f.StartReplica(0)
+
+	if got, conflicts := leafRev(t, n2, "a"); got != quorum || len(conflicts) != 0 {
+		t.Fatalf("GET conflicts=true: %s %v; want %s alone, as replicas 1 and 2 answer alike (the front no longer shows what CouchDB does)", got, conflicts, quorum)
+	}
+	rs := couch.OpenAllRevs(ctx(t), n2, "a")
+	defer rs.Close()
+	seen := map[string]bool{}
+	for rs.Next() {
+		var rows []struct {
+			OK struct {
+				Rev string `json:"_rev"`
+			} `json:"ok"`
+		}
+		if err := rs.ScanDoc(&rows); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rows {
+			seen[r.OK.Rev] = true
+		}
+	}
+	if err := rs.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !seen[lone] || !seen[quorum] || len(seen) != 2 {
+		t.Fatalf("open_revs=all saw %v; want %s and %s", seen, lone, quorum)
+	}
+}
+
+// TestReplicaFrontReportsItsCopies checks that a client can tell the front
+// from a single server by the database's cluster settings.
+func TestReplicaFrontReportsItsCopies(t *testing.T) {
+	f := couchtest.NewReplicaFront(t, couchtest.ReplicaOptions{})
+	n, err := couch.Replicas(ctx(t), f.DB(t, 1))
+	if err != nil || n != 3 {
+		t.Fatalf("front: %d copies (%v), want 3", n, err)
+	}
+	single := couchtest.NewDB(t, couchtest.Client(t))
+	if n, err := couch.Replicas(ctx(t), single); err != nil || n != 1 {
+		t.Fatalf("test server: %d copies (%v), want 1", n, err)
+	}
+}
