@@ -24,17 +24,28 @@ import (
 // claims ahead; slow ones (a mail relay taking a second) only a few, so that
 // claims are not held long by a daemon that cannot run them soon while other
 // daemons on the database are idle.
+//
+// The handlers are not always the limit: when writes are slow (a loaded
+// server, a cluster proving every claim) a full batch of claims waits
+// longer than the handlers' pace says, each wait past a tenth of a lease
+// costs a renewal write, and the renewals slow the writes further. So the
+// bound also follows the waits themselves (observeWait): a wait past a
+// twentieth of a lease cuts it by a quarter, at most once per such span;
+// a shorter one lets it grow by one.
 type aheadGate struct {
 	slots, maxAhead int
 
-	mu   sync.Mutex
-	n    int           // claims ahead now (being written or waiting)
-	avg  time.Duration // moving average of unsafe handler runs, 0: none yet
-	wake chan struct{} // closed and replaced when n falls or the bound grows
+	mu    sync.Mutex
+	n     int           // claims ahead now (being written or waiting)
+	avg   time.Duration // moving average of unsafe handler runs, 0: none yet
+	bound int           // what the waits allow, slots..maxAhead
+	cut   time.Time     // when bound was last cut
+	wake  chan struct{} // closed and replaced when n falls or the bound grows
 }
 
 func newAheadGate(slots, maxAhead int) *aheadGate {
-	return &aheadGate{slots: slots, maxAhead: max(maxAhead, slots), wake: make(chan struct{})}
+	maxAhead = max(maxAhead, slots)
+	return &aheadGate{slots: slots, maxAhead: maxAhead, bound: maxAhead, wake: make(chan struct{})}
 }
 
 // limit is the bound for handlers leased for lease.
@@ -42,10 +53,26 @@ func (g *aheadGate) limit(lease time.Duration) int {
 	if g.avg <= 0 {
 		// Nothing measured yet: as many as can start at once, and as
 		// many again.
-		return min(2*g.slots, g.maxAhead)
+		return min(2*g.slots, g.bound)
 	}
-	n := int(min(int64(g.slots)*int64(lease/4)/int64(g.avg), int64(g.maxAhead)))
+	n := int(min(int64(g.slots)*int64(lease/4)/int64(g.avg), int64(g.bound)))
 	return max(n, g.slots)
+}
+
+// observeWait folds in how long a claim waited for its slot.
+func (g *aheadGate) observeWait(wait, lease time.Duration) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	now := time.Now()
+	switch {
+	case wait > lease/20:
+		if now.Sub(g.cut) > lease/20 {
+			g.bound, g.cut = max(g.slots, g.bound*3/4), now
+		}
+	case g.bound < g.maxAhead:
+		g.bound++
+		g.broadcast()
+	}
 }
 
 // enter waits until one more claim may go ahead, or ctx ends.
@@ -134,12 +161,14 @@ func (e *Engine) waitForSlot(ctx context.Context, doc *Doc, spec Spec, before Me
 	}
 	defer stopWaiting()
 	claim := meta.Claim
+	since := time.Now()
 	renewAt := time.NewTimer(time.Until(claim.Expires.Add(-spec.Lease / 2)))
 	defer renewAt.Stop()
 	for {
 		select {
 		case e.handlerSlots <- struct{}{}:
 			stopWaiting()
+			e.ahead.observeWait(time.Since(since), spec.Lease)
 			release = sync.OnceFunc(func() { <-e.handlerSlots })
 			if time.Until(claim.Expires.Time) < spec.Lease*9/10 {
 				if err := e.renewClaim(ctx, doc, spec, meta); err != nil {
