@@ -112,6 +112,15 @@ func TestKillsServerRestartAndSMTPDropLoseNothingAndDoubleNothing(t *testing.T) 
 			}
 		}
 	})
+	// On a failure, what holds each claim left, and what the daemons said
+	// about it, go into the test's own output (CI keeps only that).
+	t.Cleanup(func() {
+		if t.Failed() {
+			last.mu.Lock()
+			defer last.mu.Unlock()
+			explainClaims(t, db, logs)
+		}
+	})
 	workflowtest.Eventually(t, 180*time.Second, "everything settled", func() (bool, string) {
 		st := tally(t, db)
 		return st.settled(), progress(t, db)
@@ -326,6 +335,36 @@ type doc struct {
 	Docstate  struct {
 		Claim map[string]any `json:"claim"`
 	} `json:"docstate"`
+}
+
+// explainClaims logs every document still holding a claim, with the last
+// lines any daemon logged about it.
+func explainClaims(t *testing.T, db *kivik.DB, logs []*bytes.Buffer) {
+	rows := db.AllDocs(context.Background(), kivik.Param("include_docs", true))
+	defer rows.Close()
+	shown := 0
+	for rows.Next() && shown < 8 {
+		var d struct {
+			ID       string          `json:"_id"`
+			Rev      string          `json:"_rev"`
+			State    string          `json:"state"`
+			Docstate json.RawMessage `json:"docstate"`
+		}
+		if rows.ScanDoc(&d) != nil || !bytes.Contains(d.Docstate, []byte(`"claim":{`)) {
+			continue
+		}
+		shown++
+		t.Logf("claim left on %s %s (state %s): %s", d.ID, d.Rev, d.State, d.Docstate)
+		var said []string
+		for i, l := range logs {
+			for _, line := range strings.Split(l.String(), "\n") {
+				if strings.Contains(line, `"`+d.ID+`"`) || strings.Contains(line, "="+d.ID+" ") || strings.HasSuffix(line, "="+d.ID) {
+					said = append(said, fmt.Sprintf("run %d: %.300s", i+1, line))
+				}
+			}
+		}
+		t.Logf("  %d log lines about it; the last ones:\n%s", len(said), strings.Join(said[max(0, len(said)-12):], "\n"))
+	}
 }
 
 type counts struct {
