@@ -2,6 +2,7 @@ package workflow_test
 
 import (
 	"fmt"
+	"os"
 	"testing"
 
 	"github.com/docstate/docstate/internal/couchtest"
@@ -18,13 +19,31 @@ import (
 // under two owners or a conflict is left on a replica:
 //
 //	go test -run '^$' -bench '^BenchmarkReplicas$' -benchtime 1x ./workflow/
+//
+// BENCH_REPLICAS_FAULT=restart stops a replica for 2s once a third of the
+// documents are sent, =kill kills a node (endpoint and replica) then;
+// BENCH_REPLICAS_BATCH=1 turns group commit off (every claim a single PUT).
 func BenchmarkReplicas(b *testing.B) {
+	fault := noFault
+	switch f := os.Getenv("BENCH_REPLICAS_FAULT"); f {
+	case "", "none":
+	case "restart":
+		fault = replicaRestart
+	case "kill":
+		fault = nodeKilled
+	default:
+		b.Fatalf("BENCH_REPLICAS_FAULT=%q: want none, restart or kill", f)
+	}
 	for _, members := range []bool{true, false} {
 		b.Run(fmt.Sprintf("members=%v", members), func(b *testing.B) {
 			n := envInt(b, "BENCH_REPLICAS_DOCS", 1000)
+			batch := 0
+			if os.Getenv("BENCH_REPLICAS_BATCH") != "" {
+				batch = envInt(b, "BENCH_REPLICAS_BATCH", 0)
+			}
 			raw := rawPutRate(b, couchtest.NewDB(b, couchtest.Client(b)), min(n, 2000), 16)
 			rawFront := rawPutRate(b, couchtest.NewReplicaFront(b, couchtest.ReplicaOptions{}).DB(b, 0), min(n, 2000), 16)
-			res := replicaRun(b, n, noFault, members, 0)
+			res := replicaRun(b, n, fault, members, batch)
 			rate := float64(n) / res.took.Seconds()
 			b.ReportMetric(raw, "raw-put/s")
 			b.ReportMetric(rawFront, "front-raw-put/s")
