@@ -58,6 +58,9 @@ type Engine struct {
 	fedIDs  bool
 	// members is the live membership when Options.Members is set, else nil.
 	members *members
+	// dueIndex is what the due scan knows of its index (resync.go), nil
+	// until the first due scan.
+	dueIndex atomic.Pointer[dueIndexState]
 	// copies is how many copies of each document the database keeps
 	// (couch.Replicas), 0 until an unsafe claim asks (prove.go).
 	copies atomic.Int32

@@ -89,7 +89,76 @@ func (e *Engine) scanHandled(ctx context.Context) (int, error) {
 // scanDue queues every document whose due time passed.
 func (e *Engine) scanDue(ctx context.Context) (int, error) {
 	now := time.Now().UTC().Format(timeLayout)
-	return e.find(ctx, map[string]any{metaField + ".due": map[string]any{"$lte": now}})
+	sel := map[string]any{metaField + ".due": map[string]any{"$lte": now}}
+	if e.dueIndexed(ctx) {
+		n, err := couch.FindEachSorted(ctx, e.db, sel, metaField+".due", dueIndexDDoc, dueIndexName, func(id string) error {
+			e.q.add(id, nil, 0)
+			return nil
+		})
+		e.stats.resyncQueued.Add(int64(n))
+		if err == nil || ctx.Err() != nil {
+			return n, err
+		}
+		// The index was removed meanwhile, or the server cannot sort by
+		// it: this scan reads the database whole, the next one looks at
+		// the index again.
+		e.log.Warn("due scan by index failed; scanning the whole database", "err", err)
+		e.dueIndex.Store(nil)
+	}
+	return e.find(ctx, sel)
+}
+
+// The due scan of a large database goes through a json index on the due
+// time, so it costs the documents that are due rather than the whole
+// database, every ResyncInterval and in every engine on it. Small databases
+// (a user's control database) get no index: their whole scan is cheap, and
+// an index is a design document that replicates to whoever reads the
+// database.
+const (
+	dueIndexDDoc = "docstate-due"
+	dueIndexName = "due"
+	// dueIndexMinDocs is the size from which a database gets the index.
+	dueIndexMinDocs = 1000
+	// dueIndexRecheck is how often a database without the index is looked
+	// at again (it may have grown, or the index may be creatable now).
+	dueIndexRecheck = 10 * time.Minute
+)
+
+// dueIndexState is what the engine knows of the due index.
+type dueIndexState struct {
+	ok      bool
+	checked time.Time
+}
+
+// dueIndexed reports whether the due scan can use the index, creating it
+// when the database is large enough. A server that refuses (no Mango
+// indexes, no admin rights) leaves the whole scan, as before.
+func (e *Engine) dueIndexed(ctx context.Context) bool {
+	if st := e.dueIndex.Load(); st != nil && (st.ok || time.Since(st.checked) < dueIndexRecheck) {
+		return st.ok
+	}
+	ok, err := e.ensureDueIndex(ctx)
+	if err != nil && ctx.Err() == nil {
+		e.log.Info("due scans read the whole database: no index on the due time", "err", err)
+	}
+	e.dueIndex.Store(&dueIndexState{ok: ok, checked: time.Now()})
+	return ok
+}
+
+func (e *Engine) ensureDueIndex(ctx context.Context) (bool, error) {
+	info, err := e.db.Stats(ctx)
+	if err != nil {
+		return false, fmt.Errorf("database info: %w", err)
+	}
+	if info.DocCount < dueIndexMinDocs {
+		return false, nil
+	}
+	// Idempotent: the server answers "exists" for the same definition.
+	if err := e.db.CreateIndex(ctx, dueIndexDDoc, dueIndexName, map[string]any{"fields": []string{metaField + ".due"}}); err != nil {
+		return false, fmt.Errorf("create index %s/%s: %w", dueIndexDDoc, dueIndexName, err)
+	}
+	e.log.Info("due scans use an index on the due time", "ddoc", "_design/"+dueIndexDDoc, "docs", info.DocCount)
+	return true, nil
 }
 
 // find queues the ids matching selector.

@@ -3,6 +3,8 @@ package couch
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"strings"
 
 	kivik "github.com/go-kivik/kivik/v4"
 )
@@ -92,4 +94,95 @@ func HasDBUpdates(ctx context.Context, client *kivik.Client) bool {
 		}
 	}
 	return true
+}
+
+// FindEachSorted calls fn with the _id of every document matching the
+// Mango selector, a page at a time in the order of the string field, which
+// the json index ddoc/name must cover and selector must bound with an
+// operator map (e.g. {"$lte": x}). Each page starts at the highest value of
+// the last (inclusive) and skips the documents already seen at that value,
+// so a page costs the index's range, not the whole database. Documents
+// whose field changes during the scan may be missed or passed twice: it
+// suits scans that repeat (a due scan), not exact listings.
+func FindEachSorted(ctx context.Context, db *kivik.DB, selector map[string]any, field, ddoc, name string, fn func(id string) error) (int, error) {
+	bound, ok := selector[field].(map[string]any)
+	if !ok {
+		return 0, fmt.Errorf("find by %s: the selector must bound it with an operator map", field)
+	}
+	path := strings.Split(field, ".")
+	total, from, skip := 0, "", 0
+	for {
+		sel := make(map[string]any, len(selector))
+		for k, v := range selector {
+			sel[k] = v
+		}
+		cond := make(map[string]any, len(bound)+1)
+		for k, v := range bound {
+			cond[k] = v
+		}
+		if from != "" {
+			cond["$gte"] = from
+		}
+		sel[field] = cond
+		rows := db.Find(ctx, map[string]any{
+			"selector":  sel,
+			"sort":      []map[string]string{{field: "asc"}},
+			"limit":     findPage,
+			"skip":      skip,
+			"fields":    []string{"_id", field},
+			"use_index": []string{ddoc, name},
+		})
+		n, last, atLast := 0, "", 0
+		var err error
+		for row, rowErr := range rows.Iterator() {
+			if rowErr != nil {
+				err = rowErr
+				break
+			}
+			var doc map[string]any
+			if row.ScanDoc(&doc) != nil {
+				continue
+			}
+			id, _ := doc["_id"].(string)
+			if id == "" {
+				continue
+			}
+			n++
+			if v := stringAt(doc, path); v == last && n > 1 {
+				atLast++
+			} else {
+				last, atLast = v, 1
+			}
+			if err = fn(id); err != nil {
+				break
+			}
+		}
+		_ = rows.Close()
+		total += n
+		if err != nil {
+			return total, err
+		}
+		if n < findPage {
+			return total, nil
+		}
+		if last == from {
+			skip += n // the whole page at one value
+		} else {
+			from, skip = last, atLast
+		}
+	}
+}
+
+// stringAt returns the string at path in doc, or "".
+func stringAt(doc map[string]any, path []string) string {
+	var v any = doc
+	for _, p := range path {
+		m, ok := v.(map[string]any)
+		if !ok {
+			return ""
+		}
+		v = m[p]
+	}
+	s, _ := v.(string)
+	return s
 }
