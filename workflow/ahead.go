@@ -142,10 +142,14 @@ func (g *aheadGate) broadcast() {
 }
 
 // waitForSlot waits for a handler slot while the run's claim is written and
-// ours. It renews the claim when half its lease has gone by and once more on
-// getting the slot if the wait used more than a tenth of it, so the handler
-// starts with nearly its whole lease, as if the claim had been written just
-// then. When the engine stops first, the claim is released (the document is
+// ours. It renews the claim when half its lease has gone by, and once more on
+// getting the slot if what is left of the lease is less than the handler's
+// timeout and a fifth of the lease: the handler then always has its whole
+// timeout and its result a tenth of the lease to be written before the claim
+// runs out (the run's deadline, runUnsafe). Renewing whenever a tenth of the
+// lease had gone by, as it once did, renewed nearly every claim where writes
+// are slow (a loaded server, a cluster's proofs): one more slow write per
+// run that bought nothing the handler needed. When the engine stops first, the claim is released (the document is
 // put back as it was) and the run ends unfinished, to be repeated after a
 // restart. ok is false when the run must end: out says how.
 func (e *Engine) waitForSlot(ctx context.Context, doc *Doc, spec Spec, before Meta, meta *Meta) (release func(), out outcome, ok bool) {
@@ -170,7 +174,7 @@ func (e *Engine) waitForSlot(ctx context.Context, doc *Doc, spec Spec, before Me
 			stopWaiting()
 			e.ahead.observeWait(time.Since(since), spec.Lease)
 			release = sync.OnceFunc(func() { <-e.handlerSlots })
-			if time.Until(claim.Expires.Time) < spec.Lease*9/10 {
+			if time.Until(claim.Expires.Time) < spec.Timeout+spec.Lease/5 {
 				if err := e.renewClaim(ctx, doc, spec, meta); err != nil {
 					release()
 					return nil, e.abandonClaim(ctx, doc, before, meta, fmt.Errorf("renewing the claim before its run: %w", err)), false
