@@ -69,3 +69,5 @@ func TestFindEachSortedPagesThroughTies(t *testing.T) {
 		t.Error("a selector without an operator map on the field was taken")
 	}
 }
+
+func TestMain(m *testing.M) { couchtest.Main(m) }

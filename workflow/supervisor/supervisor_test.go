@@ -235,11 +235,17 @@ func TestSupervisorRecreatedDatabaseStartsOver(t *testing.T) {
 	if err := client.DestroyDB(ctx, dbs[0].Name()); err != nil {
 		t.Fatal(err)
 	}
-	// PouchDB Server can answer 412 (exists) for a moment after a delete
-	// while it closes the old database; CouchDB does not. Retry briefly.
-	workflowtest.Eventually(t, 10*time.Second, "database created again", func() (bool, string) {
+	// PouchDB Server can answer 412 (exists) after a delete: it keeps the
+	// name in its list of databases while it closes the old one, and a
+	// request that reached the database during the delete (the
+	// supervisor's discovery reads every database's info) can put the
+	// name back for good. CouchDB does neither. Retry, deleting again.
+	workflowtest.Eventually(t, 30*time.Second, "database created again", func() (bool, string) {
 		err := client.CreateDB(ctx, dbs[0].Name())
 		if err != nil && kivik.HTTPStatus(err) == http.StatusPreconditionFailed {
+			if derr := client.DestroyDB(ctx, dbs[0].Name()); derr != nil && kivik.HTTPStatus(derr) != http.StatusNotFound {
+				return false, fmt.Sprintf("%v; deleting again: %v", err, derr)
+			}
 			return false, err.Error()
 		}
 		if err != nil {
