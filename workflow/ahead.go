@@ -27,8 +27,8 @@ import (
 //
 // The handlers are not always the limit: when writes are slow (a loaded
 // server, a cluster proving every claim) a full batch of claims waits
-// longer than the handlers' pace says, each wait past a tenth of a lease
-// costs a renewal write, and the renewals slow the writes further. So the
+// longer than the handlers' pace says, a long wait costs renewal writes
+// (waitForSlot), and the renewals slow the writes further. So the
 // bound also follows the waits themselves (observeWait): a wait past a
 // twentieth of a lease cuts it by a quarter, at most once per such span;
 // a shorter one lets it grow by one.
@@ -149,9 +149,10 @@ func (g *aheadGate) broadcast() {
 // runs out (the run's deadline, runUnsafe). Renewing whenever a tenth of the
 // lease had gone by, as it once did, renewed nearly every claim where writes
 // are slow (a loaded server, a cluster's proofs): one more slow write per
-// run that bought nothing the handler needed. When the engine stops first, the claim is released (the document is
-// put back as it was) and the run ends unfinished, to be repeated after a
-// restart. ok is false when the run must end: out says how.
+// run that bought nothing the handler needed. When the engine stops first,
+// the claim is released (the document is put back as it was) and the run
+// ends unfinished, to be repeated after a restart. ok is false when the run
+// must end: out says how.
 func (e *Engine) waitForSlot(ctx context.Context, doc *Doc, spec Spec, before Meta, meta *Meta) (release func(), out outcome, ok bool) {
 	e.stats.claimsWaiting.Add(1)
 	e.parked.Add(1)

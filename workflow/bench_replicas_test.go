@@ -37,10 +37,7 @@ func BenchmarkReplicas(b *testing.B) {
 	for _, members := range []bool{true, false} {
 		b.Run(fmt.Sprintf("members=%v", members), func(b *testing.B) {
 			n := envInt(b, "BENCH_REPLICAS_DOCS", 1000)
-			batch := 0
-			if os.Getenv("BENCH_REPLICAS_BATCH") != "" {
-				batch = envInt(b, "BENCH_REPLICAS_BATCH", 0)
-			}
+			batch := envInt(b, "BENCH_REPLICAS_BATCH", 0) // 0: the default
 			raw := rawPutRate(b, couchtest.NewDB(b, couchtest.Client(b)), min(n, 2000), 16)
 			rawFront := rawPutRate(b, couchtest.NewReplicaFront(b, couchtest.ReplicaOptions{}).DB(b, 0), min(n, 2000), 16)
 			res := replicaRun(b, n, fault, members, batch)

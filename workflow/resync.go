@@ -91,11 +91,10 @@ func (e *Engine) scanDue(ctx context.Context) (int, error) {
 	now := time.Now().UTC().Format(timeLayout)
 	sel := map[string]any{metaField + ".due": map[string]any{"$lte": now}}
 	if e.dueIndexed(ctx) {
-		n, err := couch.FindEachSorted(ctx, e.db, sel, metaField+".due", dueIndexDDoc, dueIndexName, func(id string) error {
+		n, err := e.queued(couch.FindEachSorted(ctx, e.db, sel, metaField+".due", dueIndexDDoc, dueIndexName, func(id string) error {
 			e.q.add(id, nil, 0)
 			return nil
-		})
-		e.stats.resyncQueued.Add(int64(n))
+		}))
 		if err == nil || ctx.Err() != nil {
 			return n, err
 		}
@@ -163,7 +162,11 @@ func (e *Engine) ensureDueIndex(ctx context.Context) (bool, error) {
 
 // find queues the ids matching selector.
 func (e *Engine) find(ctx context.Context, selector map[string]any) (int, error) {
-	n, err := forEachID(ctx, e.db, selector, func(id string) { e.q.add(id, nil, 0) })
+	return e.queued(forEachID(ctx, e.db, selector, func(id string) { e.q.add(id, nil, 0) }))
+}
+
+// queued counts the ids a scan queued, and passes its answer on.
+func (e *Engine) queued(n int, err error) (int, error) {
 	e.stats.resyncQueued.Add(int64(n))
 	return n, err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"strings"
 
 	kivik "github.com/go-kivik/kivik/v4"
@@ -21,9 +22,9 @@ const findPage = 1000
 func FindEach(ctx context.Context, db *kivik.DB, selector map[string]any, fields []string, fn func(doc json.RawMessage) error) (int, error) {
 	total, last := 0, ""
 	for {
-		sel := make(map[string]any, len(selector)+1)
-		for k, v := range selector {
-			sel[k] = v
+		sel := maps.Clone(selector)
+		if sel == nil {
+			sel = map[string]any{}
 		}
 		sel["_id"] = map[string]any{"$gt": last}
 		query := map[string]any{
@@ -34,40 +35,44 @@ func FindEach(ctx context.Context, db *kivik.DB, selector map[string]any, fields
 		if fields != nil {
 			query["fields"] = fields
 		}
-		rows := db.Find(ctx, query)
-		// Range over Iterator rather than calling rows.ScanDoc: ScanDoc
-		// reads the iterator's state without its lock, which races with
-		// kivik closing the iterator when ctx is cancelled. Iterator hands
-		// out a copy of each row.
-		n := 0
-		var err error
-		for row, rowErr := range rows.Iterator() {
-			if rowErr != nil {
-				err = rowErr
-				break
-			}
-			var doc rawDoc
-			var d struct {
-				ID string `json:"_id"`
-			}
-			if row.ScanDoc(&doc) != nil || json.Unmarshal(doc, &d) != nil || d.ID == "" {
-				continue
-			}
-			last = d.ID
-			n++
-			if err = fn(json.RawMessage(doc)); err != nil {
-				break
-			}
-		}
-		_ = rows.Close()
+		n, err := readPage(ctx, db, query, func(id string, doc rawDoc) error {
+			last = id
+			return fn(json.RawMessage(doc))
+		})
 		total += n
-		if err != nil {
+		if err != nil || n < findPage {
 			return total, err
 		}
-		if n < findPage {
-			return total, nil
+	}
+}
+
+// readPage runs one _find query and calls fn with each row that has an
+// _id, returning how many it passed; an error from fn stops it.
+func readPage(ctx context.Context, db *kivik.DB, query map[string]any, fn func(id string, doc rawDoc) error) (int, error) {
+	rows := db.Find(ctx, query)
+	defer rows.Close()
+	// Range over Iterator rather than calling rows.ScanDoc: ScanDoc reads
+	// the iterator's state without its lock, which races with kivik
+	// closing the iterator when ctx is cancelled. Iterator hands out a
+	// copy of each row.
+	n := 0
+	for row, err := range rows.Iterator() {
+		if err != nil {
+			return n, err
+		}
+		var doc rawDoc
+		var d struct {
+			ID string `json:"_id"`
+		}
+		if row.ScanDoc(&doc) != nil || json.Unmarshal(doc, &d) != nil || d.ID == "" {
+			continue
+		}
+		n++
+		if err := fn(d.ID, doc); err != nil {
+			return n, err
 		}
 	}
+	return n, nil
 }
 
 // rawDoc keeps a document's bytes as they came.
@@ -112,58 +117,34 @@ func FindEachSorted(ctx context.Context, db *kivik.DB, selector map[string]any, 
 	path := strings.Split(field, ".")
 	total, from, skip := 0, "", 0
 	for {
-		sel := make(map[string]any, len(selector))
-		for k, v := range selector {
-			sel[k] = v
-		}
-		cond := make(map[string]any, len(bound)+1)
-		for k, v := range bound {
-			cond[k] = v
-		}
+		cond := maps.Clone(bound)
 		if from != "" {
 			cond["$gte"] = from
 		}
+		sel := maps.Clone(selector)
 		sel[field] = cond
-		rows := db.Find(ctx, map[string]any{
+		query := map[string]any{
 			"selector":  sel,
 			"sort":      []map[string]string{{field: "asc"}},
 			"limit":     findPage,
 			"skip":      skip,
 			"fields":    []string{"_id", field},
 			"use_index": []string{ddoc, name},
-		})
-		n, last, atLast := 0, "", 0
-		var err error
-		for row, rowErr := range rows.Iterator() {
-			if rowErr != nil {
-				err = rowErr
-				break
-			}
-			var doc map[string]any
-			if row.ScanDoc(&doc) != nil {
-				continue
-			}
-			id, _ := doc["_id"].(string)
-			if id == "" {
-				continue
-			}
-			n++
-			if v := stringAt(doc, path); v == last && n > 1 {
+		}
+		last, atLast := "", 0
+		n, err := readPage(ctx, db, query, func(id string, doc rawDoc) error {
+			var m map[string]any
+			_ = json.Unmarshal(doc, &m)
+			if v := stringAt(m, path); v == last && atLast > 0 {
 				atLast++
 			} else {
 				last, atLast = v, 1
 			}
-			if err = fn(id); err != nil {
-				break
-			}
-		}
-		_ = rows.Close()
+			return fn(id)
+		})
 		total += n
-		if err != nil {
+		if err != nil || n < findPage {
 			return total, err
-		}
-		if n < findPage {
-			return total, nil
 		}
 		if last == from {
 			skip += n // the whole page at one value
